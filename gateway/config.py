@@ -1,0 +1,196 @@
+"""The whole configuration surface: one frozen pydantic model tree.
+
+Read from a TOML file and overridden by the environment (`NBIOT_<SECTION>__<KEY>`).
+It never starts anything; a bad value is a `ConfigError` with its key path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from gateway.errors import ConfigError
+
+Port = Annotated[int, Field(ge=1, lt=65536)]
+PortOrAny = Annotated[int, Field(ge=0, lt=65536)]
+TopicPart = Annotated[str, Field(min_length=1, pattern=r"^[^/#+\s]+$")]
+FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+RESERVED_FIELDS = frozenset({"seq", "ts"})
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(Section):
+    id: TopicPart = "gw1"
+    tenant: TopicPart = "plant"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # On SIGTERM: how long to keep publishing the spool before disconnecting.
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=600)] = 10.0
+
+
+class CoapSection(Section):
+    bind: str = "::"
+    port: PortOrAny = 5683
+    max_payload_bytes: Annotated[int, Field(ge=64, le=65536)] = 4096
+    # RFC 7252 message deduplication cache; entries live EXCHANGE_LIFETIME.
+    # Past the cap the oldest go first; (device, seq) dedup still catches a repeat.
+    dedup_max_entries: Annotated[int, Field(ge=1000)] = 200_000
+    overload_max_age_s: Annotated[int, Field(ge=1, le=3600)] = 30
+
+
+class MqttSection(Section):
+    host: str = "localhost"
+    port: Port = 1883
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    client_id: str | None = None
+    topic_prefix: TopicPart = "nbiot"
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    inflight_window: Annotated[int, Field(ge=1, le=65535)] = 1000
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> MqttSection:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class SpoolSection(Section):
+    path: Path = Path("var/spool.sqlite")
+    max_bytes: Annotated[int, Field(ge=1024)] = 1 << 30
+    max_batch: Annotated[int, Field(ge=1, le=100_000)] = 2000
+
+
+class MetricsSection(Section):
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: PortOrAny = 9108
+
+
+class RegistrySection(Section):
+    path: Path = Path("devices.example.csv")
+
+
+class FieldSpec(Section):
+    unit: str = ""
+    min: float | None = None
+    max: float | None = None
+    required: bool = False
+
+    @model_validator(mode="after")
+    def _range_order(self) -> FieldSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class DeviceType(Section):
+    fields: dict[str, FieldSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _field_names(self) -> DeviceType:
+        for name in self.fields:
+            if not FIELD_NAME.match(name):
+                raise ValueError(f"field name {name!r} must match {FIELD_NAME.pattern}")
+            if name in RESERVED_FIELDS:
+                raise ValueError(f"field name {name!r} is reserved (seq and ts are envelope keys)")
+        return self
+
+
+class Settings(BaseSettings):
+    """Root of the configuration. Build it with `load_config`, not directly."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NBIOT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+    toml_path: ClassVar[Path | None] = None
+
+    gateway: GatewaySection = GatewaySection()
+    coap: CoapSection = CoapSection()
+    mqtt: MqttSection = MqttSection()
+    spool: SpoolSection = SpoolSection()
+    metrics: MetricsSection = MetricsSection()
+    registry: RegistrySection = RegistrySection()
+    types: dict[TopicPart, DeviceType] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Priority is the order: explicit arguments, environment, then the TOML file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_path))
+        return tuple(sources)
+
+    def with_paths_relative_to(self, base: Path) -> Settings:
+        """Relative file paths in the config mean: relative to the config file."""
+
+        def anchor(p: Path) -> Path:
+            return p if p.is_absolute() else Path(os.path.normpath(base / p))
+
+        return self.model_copy(
+            update={
+                "spool": self.spool.model_copy(update={"path": anchor(self.spool.path)}),
+                "registry": self.registry.model_copy(update={"path": anchor(self.registry.path)}),
+            }
+        )
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"{loc}: {e['msg']}")
+    return lines
+
+
+def load_config(path: Path | str, **overrides: Any) -> Settings:
+    """Read and validate the config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist"])
+    try:
+        with path.open("rb") as f:
+            tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    bound = type("BoundSettings", (Settings,), {"toml_path": path})
+    try:
+        settings: Settings = bound(**overrides)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+    env_unknown = [
+        k for k in os.environ if k.startswith("NBIOT_") and k.split("__")[0][6:].lower()
+        not in Settings.model_fields
+    ]
+    if env_unknown:
+        raise ConfigError([f"{k}: unknown setting in the environment" for k in env_unknown])
+    return settings.with_paths_relative_to(path.resolve().parent)

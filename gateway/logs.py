@@ -1,0 +1,29 @@
+"""Log set-up: one event per line on stderr, `key=value` pairs, for journald and grep."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        msg = record.getMessage().replace('"', "'").replace("\n", " | ")
+        line = f'ts={ts}.{int(record.msecs):03d}Z level={record.levelname} ' \
+               f'logger={record.name} msg="{msg}"'
+        if record.exc_info:
+            exc = self.formatException(record.exc_info).replace("\n", " | ")
+            line += f' exc="{exc}"'
+        return line
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # paho/aiomqtt are chatty at INFO about things we report ourselves.
+    logging.getLogger("aiomqtt").setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,142 @@
+"""Every metric object of the gateway, and the HTTP endpoint that serves them.
+
+Aggregates only: no per-device labels (40,000 devices). Names follow Prometheus
+conventions: base units, `_total` for counters, `_seconds`, `_bytes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+
+from gateway import __version__
+
+log = logging.getLogger(__name__)
+NS = "nbiot_gateway"
+# `*_created` series double the output and no dashboard here reads them.
+disable_created_metrics()
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """All metric objects, registered in `registry` (tests pass a fresh one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        Gauge(f"{NS}_build_info", "Version of the running gateway (value is always 1).",
+              ["version"], registry=r).labels(__version__).set(1)
+        self.uplinks_received = Counter(
+            f"{NS}_uplinks_received", "CoAP uplink requests received (retransmissions excluded).",
+            registry=r)
+        self.uplinks_accepted = Counter(
+            f"{NS}_uplinks_accepted", "Uplinks durably spooled and answered 2.04.", registry=r)
+        self.uplinks_rejected = Counter(
+            f"{NS}_uplinks_rejected", "Uplinks refused, by reason (see README: error codes).",
+            ["reason"], registry=r)
+        self.uplinks_duplicate = Counter(
+            f"{NS}_uplinks_duplicate",
+            "Uplinks whose (device, seq) was already accepted: answered 2.04, not forwarded again.",
+            registry=r)
+        self.coap_retransmissions = Counter(
+            f"{NS}_coap_retransmissions",
+            "CoAP retransmissions (same endpoint and message ID) answered from the reply cache.",
+            registry=r)
+        self.malformed_datagrams = Counter(
+            f"{NS}_malformed_datagrams", "UDP datagrams that are not valid CoAP; dropped.",
+            registry=r)
+        self.dead_letters = Counter(
+            f"{NS}_dead_letters", "Rejected uplinks kept on the invalid topic.", registry=r)
+        self.dead_letters_dropped = Counter(
+            f"{NS}_dead_letters_dropped",
+            "Rejected uplinks not kept: dead-letter rate limit or spool space reserved for data.",
+            registry=r)
+        self.uplink_ack_seconds = Histogram(
+            f"{NS}_uplink_ack_seconds",
+            "Time from receiving an uplink to sending its 2.04 (the record is durable).",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.spool_commit_seconds = Histogram(
+            f"{NS}_spool_commit_seconds", "Duration of one spool group commit (with fsync).",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.spool_commit_records = Counter(
+            f"{NS}_spool_committed_records", "Records made durable in the spool.", registry=r)
+        self.spool_records = Gauge(
+            f"{NS}_spool_records", "Records in the spool waiting for a broker PUBACK.", registry=r)
+        self.spool_bytes = Gauge(
+            f"{NS}_spool_bytes", "Bytes the spool accounts for (limit: spool.max_bytes).",
+            registry=r)
+        self.spool_max_bytes = Gauge(
+            f"{NS}_spool_max_bytes", "Configured spool limit; at this size uplinks get 5.03.",
+            registry=r)
+        self.mqtt_published = Counter(
+            f"{NS}_mqtt_published", "Messages published to the broker and acknowledged (PUBACK).",
+            registry=r)
+        self.mqtt_connected = Gauge(
+            f"{NS}_mqtt_connected", "1 while the gateway holds a broker connection.", registry=r)
+        self.mqtt_reconnects = Counter(
+            f"{NS}_mqtt_reconnects", "Broker connections lost or refused, each followed by a retry.",
+            registry=r)
+        self.registry_devices = Gauge(
+            f"{NS}_registry_devices", "Devices in the loaded registry.", registry=r)
+
+
+class MetricsServer:
+    """`/metrics`, `/healthz` and `/readyz` over HTTP/1.0, on the event loop."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> None:
+        self._metrics = metrics
+        self._ready = ready
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), timeout=5)
+            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request_line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            if path == "/metrics":
+                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
+            elif path == "/healthz":
+                status, ctype, body = 200, "text/plain", b"ok\n"
+            elif path == "/readyz":
+                ok, why = self._ready()
+                status, ctype, body = (200 if ok else 503), "text/plain", (why + "\n").encode()
+            else:
+                status, ctype, body = 404, "text/plain", b"not found: try /metrics, /healthz, /readyz\n"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

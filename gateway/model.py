@@ -1,0 +1,42 @@
+"""Plain typed data passed between stages: Uplink in, Verdict back, Record to the spool.
+
+No behaviour and no I/O here; every stage depends on this module, it depends on none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, frozen=True)
+class Uplink:
+    """One device report as ingest hands it to the pipeline, transport details stripped."""
+
+    device_id: str
+    token: str | None
+    content_format: int | None  # None: the request carried no Content-Format option
+    payload: bytes
+    transport: str  # "coap" or "coaps"
+    remote: str  # "host:port", for logs and the dead-letter topic
+    received_at: float  # wall clock, seconds since the epoch
+    received_mono: float  # monotonic clock, for the ack latency histogram
+
+
+@dataclass(slots=True, frozen=True)
+class Verdict:
+    """The pipeline's answer; ingest turns it into a CoAP response."""
+
+    code: int
+    payload: bytes = b""
+    content_format: int | None = None
+    max_age_s: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Record:
+    """What the spool keeps and the publisher sends: one MQTT message, QoS 1."""
+
+    topic: str
+    payload: bytes
+    # Spool row id, set once the record is durable (0 before).
+    spool_id: int = field(default=0, compare=False)

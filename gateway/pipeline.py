@@ -1,0 +1,243 @@
+"""Transport-independent uplink handling: authorize, decode, validate, dedup, admit, spool.
+
+Knows nothing of CoAP framing: it takes an Uplink and a reply callback and calls the
+callback exactly once with a Verdict. A 2.04 verdict is only ever given once the record
+is durable in the spool. Rejections are counted by reason and kept as dead letters.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from gateway.codecs import DECODERS, DEFAULT_CONTENT_FORMAT, DecodeError
+from gateway.coap import numbers as C
+from gateway.config import Settings
+from gateway.errors import UplinkRejected
+from gateway.metrics import Metrics
+from gateway.model import Record, Uplink, Verdict
+from gateway.registry import Registry
+from gateway.schema import Report, SchemaViolation, TypeSchema, build_schemas
+from gateway.spool import Spool, record_size
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[Verdict], None]
+# How many recent accepted seqs per device count as "already accepted".
+SEQ_WINDOW = 8
+ACCEPTED = Verdict(C.CHANGED)
+
+
+def rfc3339_ms(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+class TokenBucket:
+    """A rate limit: `rate` per second, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = burst, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class SeqDedup:
+    """Which (device, seq) were accepted recently, and which are being committed now."""
+
+    def __init__(self) -> None:
+        self._recent: dict[str, tuple[int, ...]] = {}
+        self._pending: dict[tuple[str, int], list[Reply]] = {}
+
+    def seen(self, device_id: str, seq: int) -> bool:
+        return seq in self._recent.get(device_id, ())
+
+    def waiters(self, device_id: str, seq: int) -> list[Reply] | None:
+        return self._pending.get((device_id, seq))
+
+    def begin(self, device_id: str, seq: int) -> None:
+        self._pending[(device_id, seq)] = []
+
+    def finish(self, device_id: str, seq: int, accepted: bool) -> list[Reply]:
+        if accepted:
+            recent = self._recent.get(device_id, ())
+            self._recent[device_id] = (*recent[-(SEQ_WINDOW - 1):], seq)
+        return self._pending.pop((device_id, seq), [])
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        spool: Spool,
+        metrics: Metrics,
+        max_in_flight: int = 20_000,
+    ) -> None:
+        self._settings = settings
+        self._spool = spool
+        self._metrics = metrics
+        self._registry = registry
+        self._schemas: dict[str, TypeSchema] = build_schemas(settings.types)
+        self._dedup = SeqDedup()
+        self._in_flight = 0
+        self._max_in_flight = max_in_flight
+        self._dead_letter_budget = TokenBucket(rate=200, burst=1000)
+        self.accepting = True
+        prefix, tenant = settings.mqtt.topic_prefix, settings.gateway.tenant
+        self._topic_base = f"{prefix}/{tenant}"
+        self._invalid_topic = f"{prefix}/{tenant}/invalid"
+        self._overload_max_age_s = settings.coap.overload_max_age_s
+        metrics.registry_devices.set(len(registry))
+
+    def replace_registry(self, registry: Registry, settings: Settings) -> None:
+        """Swap in a reloaded registry and types; uplinks in flight keep their verdicts."""
+        self._schemas = build_schemas(settings.types)
+        self._registry = registry
+        self._settings = settings
+        self._metrics.registry_devices.set(len(registry))
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- the one entry point ---------------------------------------------------------
+    def submit(self, uplink: Uplink, reply: Reply) -> None:
+        self._metrics.uplinks_received.inc()
+        try:
+            self._submit(uplink, reply)
+        except UplinkRejected as e:
+            self.reject(uplink, e, reply)
+
+    def _submit(self, uplink: Uplink, reply: Reply) -> None:
+        if not self.accepting:
+            raise UplinkRejected(C.SERVICE_UNAVAILABLE, "shutting_down", "gateway restarting",
+                                 max_age_s=self._overload_max_age_s)
+        device = self._registry.get(uplink.device_id)
+        if device is None:
+            raise UplinkRejected(C.NOT_FOUND, "unknown_device", "unknown device")
+        if uplink.token is None:
+            raise UplinkRejected(C.UNAUTHORIZED, "missing_token", "token k= missing")
+        if not device.token_matches(uplink.token):
+            raise UplinkRejected(C.UNAUTHORIZED, "bad_token", "wrong token")
+        if not device.enabled:
+            raise UplinkRejected(C.FORBIDDEN, "device_disabled", "device disabled")
+        content_format = uplink.content_format
+        if content_format is None:
+            content_format = DEFAULT_CONTENT_FORMAT
+        decoder = DECODERS.get(content_format)
+        if decoder is None:
+            raise UplinkRejected(C.UNSUPPORTED_CONTENT_FORMAT, "unsupported_content_format",
+                                 "use content-format 50, 60, 110 or 112")
+        try:
+            report = self._schemas[device.device_type].validate(decoder(uplink.payload))
+        except DecodeError as e:
+            raise UplinkRejected(C.BAD_REQUEST, "bad_payload", e.detail) from None
+        except SchemaViolation as e:
+            raise UplinkRejected(C.BAD_REQUEST, e.reason, e.detail) from None
+
+        seq = report.seq
+        if seq is not None:
+            if self._dedup.seen(device.device_id, seq):
+                self._metrics.uplinks_duplicate.inc()
+                reply(ACCEPTED)
+                return
+            waiters = self._dedup.waiters(device.device_id, seq)
+            if waiters is not None:  # the same seq is being committed right now
+                self._metrics.uplinks_duplicate.inc()
+                waiters.append(reply)
+                return
+
+        record = Record(
+            f"{self._topic_base}/{device.device_type}/{device.device_id}/up",
+            self._message(uplink, device.device_type, report),
+        )
+        if not self._spool.has_room(record_size(record)):
+            raise UplinkRejected(C.SERVICE_UNAVAILABLE, "spool_full", "spool full, retry later",
+                                 max_age_s=self._overload_max_age_s)
+        if self._in_flight >= self._max_in_flight:
+            raise UplinkRejected(C.SERVICE_UNAVAILABLE, "overloaded", "overloaded, retry later",
+                                 max_age_s=self._overload_max_age_s)
+        self._in_flight += 1
+        if seq is not None:
+            self._dedup.begin(device.device_id, seq)
+
+        def on_durable(ok: bool) -> None:
+            self._in_flight -= 1
+            waiters = self._dedup.finish(device.device_id, seq, ok) if seq is not None else []
+            if ok:
+                self._metrics.uplinks_accepted.inc()
+                self._metrics.uplink_ack_seconds.observe(time.monotonic() - uplink.received_mono)
+                verdict = ACCEPTED
+            else:
+                self._metrics.uplinks_rejected.labels("spool_error").inc()
+                verdict = Verdict(C.SERVICE_UNAVAILABLE, b"spool write failed",
+                                  max_age_s=self._overload_max_age_s)
+            reply(verdict)
+            for waiter in waiters:
+                waiter(verdict)
+
+        self._spool.append(record, on_durable)
+
+    def _message(self, uplink: Uplink, device_type: str, report: Report) -> bytes:
+        units = self._schemas[device_type].units
+        message: dict[str, object] = {
+            "device_id": uplink.device_id,
+            "device_type": device_type,
+            "tenant": self._settings.gateway.tenant,
+            "gateway_id": self._settings.gateway.id,
+            "seq": report.seq,
+            "received_at": rfc3339_ms(uplink.received_at),
+        }
+        if report.device_time is not None:
+            message["device_time"] = rfc3339_ms(report.device_time)
+        message["readings"] = {
+            name: {"value": value, "unit": units[name]} for name, value in report.values.items()
+        }
+        message["transport"] = uplink.transport
+        return json.dumps(message, separators=(",", ":")).encode()
+
+    # -- rejections ------------------------------------------------------------------
+    def reject(self, uplink: Uplink, rejection: UplinkRejected, reply: Reply) -> None:
+        """Count, keep as a dead letter, and answer with a short diagnostic."""
+        self._metrics.uplinks_rejected.labels(rejection.reason).inc()
+        if rejection.code != C.SERVICE_UNAVAILABLE:
+            self._keep_dead_letter(uplink, rejection)
+        log.debug("rejected uplink from %s device=%s: %s %s", uplink.remote, uplink.device_id,
+                  rejection.reason, rejection.detail)
+        reply(Verdict(rejection.code, rejection.detail.encode()[:96],
+                      C.CONTENT_FORMAT_TEXT, rejection.max_age_s))
+
+    def _keep_dead_letter(self, uplink: Uplink, rejection: UplinkRejected) -> None:
+        payload = json.dumps({
+            "device_id": uplink.device_id or None,
+            "device_known": self._registry.get(uplink.device_id) is not None,
+            "reason": rejection.reason,
+            "code": C.code_str(rejection.code),
+            "detail": rejection.detail,
+            "remote": uplink.remote,
+            "transport": uplink.transport,
+            "received_at": rfc3339_ms(uplink.received_at),
+            "content_format": uplink.content_format,
+            "payload_b64": base64.b64encode(uplink.payload).decode(),
+        }, separators=(",", ":")).encode()
+        record = Record(self._invalid_topic, payload)
+        # Dead letters may use at most 90% of the spool and a bounded rate, so a flood of
+        # garbage can never push valid uplinks into 5.03.
+        size = record_size(record) + self._spool.max_bytes // 10
+        if self._spool.has_room(size) and self._dead_letter_budget.take():
+            self._metrics.dead_letters.inc()
+            self._spool.append(record, None)
+        else:
+            self._metrics.dead_letters_dropped.inc()

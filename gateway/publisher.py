@@ -1,0 +1,195 @@
+"""The MQTT side: reads the spool in order, publishes QoS 1, deletes only what was PUBACKed.
+
+Owns the one broker connection: reconnects with backoff, keeps the gateway's retained
+status (`online`, last will `offline`). It never deletes a record it has not seen acked,
+so a broker outage or a crash only ever causes a re-send, never a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+
+import aiomqtt
+
+from gateway.config import MqttSection
+from gateway.metrics import Metrics
+from gateway.model import Record
+from gateway.spool import Spool
+
+log = logging.getLogger(__name__)
+PUBLISH_TIMEOUT_S = 30.0
+
+
+def status_topic(mqtt: MqttSection, gateway_id: str) -> str:
+    return f"{mqtt.topic_prefix}/gateways/{gateway_id}/status"
+
+
+class Backoff:
+    """Exponential back-off with full jitter, reset after a connection that worked."""
+
+    def __init__(self, min_s: float, max_s: float) -> None:
+        self.min_s, self.max_s = min_s, max_s
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.max_s, self.min_s * (2**self._attempt))
+        self._attempt += 1
+        return random.uniform(self.min_s, ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class ConnectionLost(Exception):
+    """The broker connection broke while publishing; everything unacked is re-sent."""
+
+
+class Publisher:
+    """`await Publisher(...).run(stop)`: returns once `stop` is set and the spool is empty."""
+
+    def __init__(self, mqtt: MqttSection, gateway_id: str, spool: Spool, metrics: Metrics) -> None:
+        self._mqtt = mqtt
+        self._spool = spool
+        self._metrics = metrics
+        self._status_topic = status_topic(mqtt, gateway_id)
+        self._client_id = mqtt.client_id or f"nbiot-gateway-{gateway_id}"
+        self._backoff = Backoff(mqtt.reconnect_min_s, mqtt.reconnect_max_s)
+        self._acked: list[Record] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._broken: asyncio.Event = asyncio.Event()
+        self.connected = False
+
+    def _client(self) -> aiomqtt.Client:
+        tls_context = None
+        if self._mqtt.tls:
+            tls_context = ssl.create_default_context(
+                cafile=str(self._mqtt.tls_ca_file) if self._mqtt.tls_ca_file else None
+            )
+        password = self._mqtt.password.get_secret_value() if self._mqtt.password else None
+        return aiomqtt.Client(
+            self._mqtt.host,
+            self._mqtt.port,
+            username=self._mqtt.username,
+            password=password,
+            identifier=self._client_id,
+            will=aiomqtt.Will(self._status_topic, b"offline", qos=1, retain=True),
+            clean_session=True,
+            keepalive=self._mqtt.keepalive_s,
+            timeout=10,
+            max_inflight_messages=self._mqtt.inflight_window,
+            tls_context=tls_context,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until `stop` is set and the spool is empty; reconnect as needed."""
+        while True:
+            try:
+                async with self._client() as client:
+                    await self._session(client, stop)
+                    return
+            except (aiomqtt.MqttError, ConnectionLost, OSError) as e:
+                self._set_connected(False)
+                self._metrics.mqtt_reconnects.inc()
+                delay = self._backoff.next_delay()
+                log.warning("broker %s:%d unavailable (%s); %d records spooled; retry in %.1fs",
+                            self._mqtt.host, self._mqtt.port, e or type(e).__name__,
+                            self._spool.records, delay)
+            if stop.is_set() and self._spool.records == 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        await client.publish(self._status_topic, b"online", qos=1, retain=True)
+        self._set_connected(True)
+        self._backoff.reset()
+        log.info("connected to broker %s:%d as %s; %d records to publish",
+                 self._mqtt.host, self._mqtt.port, self._client_id, self._spool.records)
+        self._broken = asyncio.Event()
+        watcher = asyncio.create_task(self._watch(client), name="mqtt-watch")
+        try:
+            await self._publish_spool(client, stop)
+            await client.publish(self._status_topic, b"offline", qos=1, retain=True)
+            log.info("published the spool and marked the gateway offline; disconnecting")
+        finally:
+            watcher.cancel()
+            for task in list(self._in_flight):
+                task.cancel()
+            await asyncio.gather(*self._in_flight, watcher, return_exceptions=True)
+            self._flush_acked()
+            self._set_connected(False)
+
+    async def _watch(self, client: aiomqtt.Client) -> None:
+        """Notice a lost connection even while idle (message iteration fails on disconnect)."""
+        try:
+            async for _ in client.messages:
+                pass
+        finally:
+            self._broken.set()
+
+    async def _publish_spool(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        window = asyncio.Semaphore(self._mqtt.inflight_window)
+        cursor = 0  # a new connection re-reads everything not yet acked
+        while True:
+            if self._broken.is_set():
+                raise ConnectionLost("connection to the broker lost")
+            records = await self._spool.read_after(cursor, self._mqtt.inflight_window)
+            if not records:
+                if stop.is_set() and not self._in_flight and self._spool.records == 0:
+                    return
+                await _first_of(self._spool.wait_for_records(), self._broken.wait(),
+                                stop.wait(), *self._in_flight)
+                continue
+            for record in records:
+                if window.locked():
+                    await _first_of(window.acquire(), self._broken.wait())
+                else:
+                    await window.acquire()
+                if self._broken.is_set():
+                    raise ConnectionLost("connection to the broker lost")
+                task = asyncio.create_task(self._publish_one(client, record, window))
+                self._in_flight.add(task)
+            cursor = records[-1].spool_id
+
+    async def _publish_one(
+        self, client: aiomqtt.Client, record: Record, window: asyncio.Semaphore
+    ) -> None:
+        try:
+            await client.publish(record.topic, record.payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+        except aiomqtt.MqttError as e:
+            log.debug("publish of spool record %d failed: %s", record.spool_id, e)
+            self._broken.set()
+            return
+        finally:
+            self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            window.release()
+        self._metrics.mqtt_published.inc()
+        if not self._acked:
+            asyncio.get_running_loop().call_soon(self._flush_acked)
+        self._acked.append(record)
+
+    def _flush_acked(self) -> None:
+        """Delete acked records from the spool, many per call."""
+        if self._acked:
+            self._spool.delete(self._acked)
+            self._acked = []
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self._metrics.mqtt_connected.set(1 if connected else 0)
+
+
+async def _first_of(*aws: object) -> None:
+    """Wait until the first of these awaitables completes; cancel the coroutines' rest."""
+    tasks = [a if isinstance(a, asyncio.Task) else asyncio.ensure_future(a)  # type: ignore[arg-type]
+             for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for aw, task in zip(aws, tasks, strict=True):
+            if task is not aw:
+                task.cancel()

@@ -1,0 +1,118 @@
+"""The device registry: which devices exist, their type, token and report interval.
+
+Loaded from a CSV file (`device_id,type,token,report_interval_s[,enabled]`); it never
+writes the file. A bad file is a ConfigError naming each bad row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hmac
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import ConfigError
+
+REQUIRED_COLUMNS = ("device_id", "type", "token", "report_interval_s")
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_TRUE = {"", "1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+MAX_PROBLEMS = 50
+
+
+@dataclass(slots=True, frozen=True)
+class Device:
+    device_id: str
+    device_type: str
+    token: str
+    report_interval_s: int
+    enabled: bool = True
+
+    def token_matches(self, presented: str | None) -> bool:
+        if presented is None:
+            return False
+        return hmac.compare_digest(self.token.encode(), presented.encode())
+
+
+class Registry:
+    """Devices by id. Immutable once built; a reload builds a new one."""
+
+    def __init__(self, devices: Iterable[Device], source: Path | None = None) -> None:
+        self._devices: dict[str, Device] = {d.device_id: d for d in devices}
+        self.source = source
+
+    def get(self, device_id: str) -> Device | None:
+        return self._devices.get(device_id)
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def __iter__(self) -> Iterable[Device]:  # type: ignore[override]
+        return iter(self._devices.values())
+
+
+def load_registry(path: Path, known_types: Mapping[str, object]) -> Registry:
+    """Parse the CSV registry; raise ConfigError listing bad rows (line numbers)."""
+    try:
+        f = path.open(newline="", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"registry.path: cannot read {path}: {e.strerror}"]) from None
+    problems: list[str] = []
+    devices: list[Device] = []
+    seen: set[str] = set()
+    with f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ConfigError([f"{path}: empty file, expected header {','.join(REQUIRED_COLUMNS)}"])
+        columns = [h.strip() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise ConfigError([f"{path}:1: missing column(s) {', '.join(missing)}"])
+        i_id, i_type, i_token, i_interval = (columns.index(c) for c in REQUIRED_COLUMNS)
+        i_enabled = columns.index("enabled") if "enabled" in columns else None
+        width = len(columns)
+        for line_no, row in enumerate(reader, start=2):
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if row[0].startswith("#"):
+                continue
+            if len(row) != width:
+                problems.append(f"{path}:{line_no}: expected {width} columns, got {len(row)}")
+                continue
+            device_id, dtype, token = row[i_id].strip(), row[i_type].strip(), row[i_token]
+            where = f"{path}:{line_no}"
+            if not DEVICE_ID.match(device_id):
+                problems.append(f"{where}: device_id {device_id!r} is not a valid id")
+            elif device_id in seen:
+                problems.append(f"{where}: device_id {device_id!r} appears twice")
+            if dtype not in known_types:
+                problems.append(f"{where}: type {dtype!r} is not defined under [types]")
+            if not token:
+                problems.append(f"{where}: token is empty")
+            try:
+                interval = int(row[i_interval])
+                if interval <= 0:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"{where}: report_interval_s {row[i_interval]!r} is not a positive integer")
+                interval = 0
+            enabled = True
+            if i_enabled is not None:
+                flag = row[i_enabled].strip().lower()
+                if flag in _TRUE:
+                    enabled = True
+                elif flag in _FALSE:
+                    enabled = False
+                else:
+                    problems.append(f"{where}: enabled {row[i_enabled]!r} is not true/false")
+            if len(problems) >= MAX_PROBLEMS:
+                problems.append("... (further problems not listed)")
+                break
+            seen.add(device_id)
+            devices.append(Device(device_id, dtype, token, interval, enabled))
+    if problems:
+        raise ConfigError(problems)
+    return Registry(devices, source=path)

@@ -1,0 +1,175 @@
+"""Wiring and lifecycle of the daemon: start the stages, run, reload, drain, stop.
+
+Read top to bottom: `startup()`, `main_loop()`, `shutdown()`. Signal handlers only set
+flags; the loop acts on them. A drained stop exits 0; what is not published stays spooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from gateway.coap.server import CoapServer, bind_udp
+from gateway.config import Settings, load_config
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics, MetricsServer
+from gateway.pipeline import Pipeline
+from gateway.publisher import Publisher
+from gateway.registry import load_registry
+from gateway.spool import Spool
+
+log = logging.getLogger(__name__)
+COMMIT_WAIT_S = 5.0
+
+
+def sd_notify(message: str) -> None:
+    """systemd notify protocol: one datagram to $NOTIFY_SOCKET; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendto(message.encode(), address)
+
+
+class Service:
+    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._spool: Spool | None = None
+        self._pipeline: Pipeline | None = None
+        self._coap: CoapServer | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._publisher: Publisher | None = None
+        self._publisher_task: asyncio.Task[None] | None = None
+        self._publisher_stop = asyncio.Event()
+
+    async def run(self) -> int:
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+        return 0
+
+    # -- startup ---------------------------------------------------------------------
+    async def startup(self) -> None:
+        s = self.settings
+        started = time.monotonic()
+        registry = load_registry(s.registry.path, s.types)
+        self._spool = spool = Spool(s.spool.path, s.spool.max_bytes, s.spool.max_batch)
+        spool.open()
+        spool.on_commit = self._on_commit
+        m = self.metrics
+        m.spool_records.set_function(lambda: spool.records)
+        m.spool_bytes.set_function(lambda: spool.bytes)
+        m.spool_max_bytes.set(s.spool.max_bytes)
+        self._pipeline = Pipeline(s, registry, spool, m)
+        self._coap = CoapServer(self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
+                                dedup_max_entries=s.coap.dedup_max_entries)
+        loop = asyncio.get_running_loop()
+        sock = bind_udp(s.coap.bind, s.coap.port)
+        coap_port = sock.getsockname()[1]
+        await loop.create_datagram_endpoint(lambda: self._coap, sock=sock)  # type: ignore[arg-type,return-value]
+        metrics_where = "disabled"
+        if s.metrics.enabled:
+            self._metrics_server = MetricsServer(m, self._ready)
+            port = await self._metrics_server.start(s.metrics.bind, s.metrics.port)
+            metrics_where = f"http://{s.metrics.bind}:{port}/metrics"
+        self._publisher = Publisher(s.mqtt, s.gateway.id, spool, m)
+        self._publisher_task = asyncio.create_task(
+            self._publisher.run(self._publisher_stop), name="publisher")
+        for sig, handler in ((signal.SIGTERM, self.stop.set), (signal.SIGINT, self.stop.set),
+                             (signal.SIGHUP, self._reload.set)):
+            loop.add_signal_handler(sig, handler)
+        log.info("gateway %s ready: coap udp %s port %d, %d devices, %d types, spool %s "
+                 "(%d records waiting), broker %s:%d, metrics %s, started in %.2fs",
+                 s.gateway.id, s.coap.bind, coap_port, len(registry), len(s.types), s.spool.path,
+                 spool.records, s.mqtt.host, s.mqtt.port, metrics_where,
+                 time.monotonic() - started)
+        sd_notify("READY=1\nSTATUS=accepting uplinks")
+
+    def _on_commit(self, records: int, seconds: float) -> None:
+        self.metrics.spool_commit_seconds.observe(seconds)
+        self.metrics.spool_commit_records.inc(records)
+
+    def _ready(self) -> tuple[bool, str]:
+        if self._coap is None or self._spool is None or self.stop.is_set():
+            return False, "not accepting uplinks"
+        if self._publisher is not None and self._publisher.connected:
+            return True, "ready: broker connected"
+        if self._spool.has_room(1024):
+            return True, "ready: broker disconnected, spooling"
+        return False, "broker disconnected and spool full"
+
+    # -- running ---------------------------------------------------------------------
+    async def main_loop(self) -> None:
+        stop_wait = asyncio.ensure_future(self.stop.wait())
+        try:
+            while not self.stop.is_set():
+                reload_wait = asyncio.ensure_future(self._reload.wait())
+                assert self._publisher_task is not None
+                await asyncio.wait({stop_wait, reload_wait, self._publisher_task},
+                                   return_when=asyncio.FIRST_COMPLETED)
+                reload_wait.cancel()
+                if self._publisher_task.done():
+                    # The publisher only ends on its own through a bug: make it loud.
+                    self._publisher_task.result()
+                    raise RuntimeError("publisher stopped unexpectedly")
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+        finally:
+            stop_wait.cancel()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read config types and registry; keep the old ones if anything is wrong."""
+        assert self._pipeline is not None
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            settings = load_config(self.config_path) if self.config_path else self.settings
+            registry = load_registry(settings.registry.path, settings.types)
+        except ConfigError as e:
+            log.error("reload failed, keeping the current registry: %s", "; ".join(e.problems))
+        else:
+            self._pipeline.replace_registry(registry, settings)
+            log.info("reloaded registry %s: %d devices", settings.registry.path, len(registry))
+        sd_notify("READY=1")
+
+    # -- shutdown --------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        log.info("stopping: answering 5.03 to new uplinks, committing those in flight")
+        if self._pipeline is not None:
+            self._pipeline.accepting = False
+        if self._spool is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._spool.wait_committed(), COMMIT_WAIT_S)
+        if self._coap is not None:
+            self._coap.close()
+        self._publisher_stop.set()
+        if self._publisher_task is not None:
+            try:
+                await asyncio.wait_for(self._publisher_task, self.settings.gateway.shutdown_grace_s)
+            except TimeoutError:
+                log.warning("broker drain did not finish in %.0fs; the rest stays spooled",
+                            self.settings.gateway.shutdown_grace_s)
+            except Exception:
+                log.exception("publisher failed during shutdown")
+        if self._spool is not None:
+            left = self._spool.records
+            await self._spool.close()
+            log.info("stopped; %d records remain spooled for the next start", left)
+        if self._metrics_server is not None:
+            await self._metrics_server.close()

@@ -1,0 +1,240 @@
+"""The durability boundary: an SQLite (WAL) queue of records between ingest and publisher.
+
+Appends are group-committed by one writer thread (one fsync per batch) and reported back
+to the event loop; the publisher reads in order and deletes only what the broker acked.
+It never drops a record it accepted: when full, `has_room` says no and ingest answers 5.03.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gateway.model import Record
+
+log = logging.getLogger(__name__)
+
+OnDurable = Callable[[bool], None]
+# Bytes counted per row beyond topic and payload: rowid, b-tree cell, WAL frame share.
+ROW_OVERHEAD_BYTES = 32
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL
+)
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk when COMMIT returns, even if the machine loses power.
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def record_size(record: Record) -> int:
+    return len(record.topic) + len(record.payload) + ROW_OVERHEAD_BYTES
+
+
+class SpoolError(Exception):
+    """The spool file cannot be opened or written."""
+
+
+class Spool:
+    """Durable FIFO of Records. Use as `async with Spool(path, max_bytes) as spool:`."""
+
+    def __init__(self, path: Path, max_bytes: int, max_batch: int = 2000) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[Record, OnDurable | None] | list[int] | None]
+        self._queue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: threading.Thread | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._bytes = 0  # durable + being written, minus deleted
+        self._records = 0
+        self._appended = asyncio.Event()
+        self._uncommitted = 0
+        self._drained = asyncio.Event()
+        self.commits = 0  # batches committed, for metrics
+        self.on_commit: Callable[[int, float], None] | None = None  # (records, seconds)
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def __aenter__(self) -> Spool:
+        self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = _connect(self.path)
+            db.execute(_SCHEMA)
+            count, size = db.execute(
+                "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM records"
+            ).fetchone()
+        except (OSError, sqlite3.Error) as e:
+            raise SpoolError(f"cannot open spool {self.path}: {e}") from e
+        self._records = count
+        self._bytes = size + count * ROW_OVERHEAD_BYTES
+        self._reader = _connect(self.path)
+        self._writer = threading.Thread(target=self._write_loop, args=(db,), name="spool-writer")
+        self._writer.start()
+        if count:
+            log.info("spool opened with %d records (%d bytes) from an earlier run", count, size)
+            self._appended.set()
+
+    async def close(self) -> None:
+        """Commit what was appended, then stop the writer thread."""
+        if self._writer is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(self._writer.join)
+        self._writer = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    # -- appending (event loop thread) -------------------------------------------
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def records(self) -> int:
+        return self._records
+
+    def has_room(self, nbytes: int) -> bool:
+        return self._bytes + nbytes <= self.max_bytes
+
+    def append(self, record: Record, on_durable: OnDurable | None) -> None:
+        """Queue a record; `on_durable(True)` runs on the loop once it is committed."""
+        self._bytes += record_size(record)
+        self._uncommitted += 1
+        self._drained.clear()
+        self._queue.put((record, on_durable))
+
+    async def wait_committed(self) -> None:
+        """Return once everything appended so far is durable (or failed)."""
+        if self._uncommitted:
+            await self._drained.wait()
+
+    # -- reading and deleting (publisher) ----------------------------------------
+    async def wait_for_records(self) -> None:
+        await self._appended.wait()
+
+    async def read_after(self, after_id: int, limit: int) -> list[Record]:
+        """The oldest records with id > after_id, in order."""
+        rows = await asyncio.to_thread(self._read, after_id, limit)
+        if not rows:
+            self._appended.clear()
+            # A commit may have landed between the read and the clear.
+            rows = await asyncio.to_thread(self._read, after_id, limit)
+            if rows:
+                self._appended.set()
+        return [Record(topic, bytes(payload), spool_id) for spool_id, topic, payload in rows]
+
+    def _read(self, after_id: int, limit: int) -> list[tuple[int, str, bytes]]:
+        assert self._reader is not None
+        with self._read_lock:
+            return self._reader.execute(
+                "SELECT id, topic, payload FROM records WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+
+    def delete(self, records: list[Record]) -> None:
+        """Forget records the broker acknowledged (committed with the next batch)."""
+        if not records:
+            return
+        self._bytes -= sum(record_size(r) for r in records)
+        self._records -= len(records)
+        self._queue.put([r.spool_id for r in records])
+
+    # -- the writer thread -------------------------------------------------------
+    def _write_loop(self, db: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch: list[tuple[Record, OnDurable | None]] = []
+            deletions: list[int] = []
+            while True:
+                if item is None:
+                    stopping = True
+                elif isinstance(item, list):
+                    deletions.extend(item)
+                else:
+                    batch.append(item)
+                if len(batch) >= self.max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch or deletions:
+                self._commit(db, batch, deletions)
+        db.close()
+
+    def _commit(
+        self,
+        db: sqlite3.Connection,
+        batch: list[tuple[Record, OnDurable | None]],
+        deletions: list[int],
+    ) -> None:
+        started = time.perf_counter()
+        ok = True
+        try:
+            db.execute("BEGIN")
+            if deletions:
+                db.executemany("DELETE FROM records WHERE id = ?", ((i,) for i in deletions))
+            db.executemany(
+                "INSERT INTO records (topic, payload) VALUES (?, ?)",
+                ((r.topic, r.payload) for r, _ in batch),
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            ok = False
+            log.error("spool commit of %d records failed: %s", len(batch), e)
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        elapsed = time.perf_counter() - started
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._committed, batch, ok, elapsed)
+        except RuntimeError:  # loop already closed: nobody is waiting any more
+            pass
+
+    def _committed(
+        self, batch: list[tuple[Record, OnDurable | None]], ok: bool, elapsed: float
+    ) -> None:
+        self._uncommitted -= len(batch)
+        if ok:
+            self._records += len(batch)
+            self.commits += 1
+            if batch:
+                self._appended.set()
+        else:
+            self._bytes -= sum(record_size(r) for r, _ in batch)
+        if self.on_commit is not None and batch:
+            self.on_commit(len(batch), elapsed)
+        for _, on_durable in batch:
+            if on_durable is not None:
+                on_durable(ok)
+        if not self._uncommitted:
+            self._drained.set()

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Set-up shared by scripts/demo and scripts/test: Debian packages, then the project's venv.
+# Idempotent: a second run installs nothing. Usage: source it, or run it with a list of
+# extra Debian packages ("mosquitto" is always needed).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+    # Debian starts mosquitto on port 1883 where systemd runs; the project starts its own.
+}
+
+find_python() {
+    for py in python3.11 python3.12 python3.13 python3; do
+        if command -v "$py" >/dev/null 2>&1 &&
+            "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "$py"
+            return 0
+        fi
+    done
+    echo "bootstrap: Python 3.11 or newer is required (apt-get install python3)" >&2
+    return 1
+}
+
+make_venv() {
+    local extras="$1"
+    local stamp="$VENV/.installed-$extras"
+    if [ ! -x "$VENV/bin/python" ]; then
+        local py
+        py="$(find_python)"
+        if ! "$py" -m venv --help >/dev/null 2>&1 || ! "$py" -c 'import ensurepip' 2>/dev/null; then
+            apt_install python3-venv
+        fi
+        echo "bootstrap: creating $VENV" >&2
+        "$py" -m venv "$VENV"
+    fi
+    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+        echo "bootstrap: installing the project into $VENV" >&2
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]"
+        touch "$stamp"
+    fi
+}
