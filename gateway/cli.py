@@ -28,10 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(run)
     check = sub.add_parser("check-config", help="validate config and device registry, then exit")
     _config_arg(check)
-    demo = sub.add_parser("demo", help="start mosquitto, the gateway and a simulated fleet")
-    demo.add_argument("--devices", type=int, default=2000)
-    demo.add_argument("--duration", type=float, default=30.0, help="seconds of traffic")
-    demo.add_argument("--interval", type=float, default=10.0, help="report interval (s)")
     return parser
 
 
@@ -96,8 +92,4 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check_config(args.config)
     if args.command == "run":
         return cmd_run(args.config)
-    if args.command == "demo":
-        from gateway.demo import run_demo
-
-        return run_demo(devices=args.devices, duration_s=args.duration, interval_s=args.interval)
     raise AssertionError(args.command)

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from gateway.codecs import DECODERS, DEFAULT_CONTENT_FORMAT, DecodeError
 from gateway.coap import numbers as C
+from gateway.codecs import DECODERS, DEFAULT_CONTENT_FORMAT, DecodeError
 from gateway.config import Settings
 from gateway.errors import UplinkRejected
 from gateway.metrics import Metrics

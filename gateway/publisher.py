@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import ssl
+from collections.abc import Awaitable
 
 import aiomqtt
 
@@ -165,7 +166,7 @@ class Publisher:
             self._broken.set()
             return
         finally:
-            self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._in_flight.discard(asyncio.current_task())
             window.release()
         self._metrics.mqtt_published.inc()
         if not self._acked:
@@ -183,10 +184,9 @@ class Publisher:
         self._metrics.mqtt_connected.set(1 if connected else 0)
 
 
-async def _first_of(*aws: object) -> None:
+async def _first_of(*aws: Awaitable[object]) -> None:
     """Wait until the first of these awaitables completes; cancel the coroutines' rest."""
-    tasks = [a if isinstance(a, asyncio.Task) else asyncio.ensure_future(a)  # type: ignore[arg-type]
-             for a in aws]
+    tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import hmac
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ class Registry:
     def __len__(self) -> int:
         return len(self._devices)
 
-    def __iter__(self) -> Iterable[Device]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Device]:
         return iter(self._devices.values())
 
 

@@ -35,9 +35,8 @@ def sd_notify(message: str) -> None:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        with contextlib.suppress(OSError):
-            sock.sendto(message.encode(), address)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto(message.encode(), address)
 
 
 class Service:
@@ -73,7 +72,7 @@ class Service:
         spool.on_commit = self._on_commit
         m = self.metrics
         m.spool_records.set_function(lambda: spool.records)
-        m.spool_bytes.set_function(lambda: spool.bytes)
+        m.spool_bytes.set_function(lambda: spool.size_bytes)
         m.spool_max_bytes.set(s.spool.max_bytes)
         self._pipeline = Pipeline(s, registry, spool, m)
         self._coap = CoapServer(self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
@@ -81,7 +80,8 @@ class Service:
         loop = asyncio.get_running_loop()
         sock = bind_udp(s.coap.bind, s.coap.port)
         coap_port = sock.getsockname()[1]
-        await loop.create_datagram_endpoint(lambda: self._coap, sock=sock)  # type: ignore[arg-type,return-value]
+        coap = self._coap
+        await loop.create_datagram_endpoint(lambda: coap, sock=sock)
         metrics_where = "disabled"
         if s.metrics.enabled:
             self._metrics_server = MetricsServer(m, self._ready)

@@ -8,6 +8,7 @@ It never drops a record it accepted: when full, `has_room` says no and ingest an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -112,7 +113,7 @@ class Spool:
 
     # -- appending (event loop thread) -------------------------------------------
     @property
-    def bytes(self) -> int:
+    def size_bytes(self) -> int:
         return self._bytes
 
     @property
@@ -209,16 +210,12 @@ class Spool:
         except sqlite3.Error as e:
             ok = False
             log.error("spool commit of %d records failed: %s", len(batch), e)
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
         elapsed = time.perf_counter() - started
         assert self._loop is not None
-        try:
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(self._committed, batch, ok, elapsed)
-        except RuntimeError:  # loop already closed: nobody is waiting any more
-            pass
 
     def _committed(
         self, batch: list[tuple[Record, OnDurable | None]], ok: bool, elapsed: float

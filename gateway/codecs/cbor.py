@@ -12,7 +12,7 @@ from gateway.codecs.base import Decoded, DecodeError, require_flat_map
 def loads(payload: bytes, what: str) -> Any:
     try:
         return cbor2.loads(payload)
-    except Exception as e:  # noqa: BLE001 - cbor2 raises many types on hostile input; all mean "bad"
+    except Exception as e:
         raise DecodeError(f"invalid {what}: {type(e).__name__}") from None
 
 
