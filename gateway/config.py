@@ -114,6 +114,14 @@ class DeviceType(Section):
         return self
 
 
+class LivenessSection(Section):
+    # A device is offline after this many report intervals without an uplink.
+    offline_after_intervals: Annotated[float, Field(ge=1)] = 3.0
+    check_interval_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    # The last-seen table; default: liveness.sqlite beside the spool.
+    path: Path | None = None
+
+
 class Settings(BaseSettings):
     """Root of the configuration. Build it with `load_config`, not directly."""
 
@@ -131,6 +139,7 @@ class Settings(BaseSettings):
     spool: SpoolSection = SpoolSection()
     metrics: MetricsSection = MetricsSection()
     registry: RegistrySection = RegistrySection()
+    liveness: LivenessSection = LivenessSection()
     types: dict[TopicPart, DeviceType] = Field(default_factory=dict)
 
     @classmethod
@@ -154,10 +163,14 @@ class Settings(BaseSettings):
         def anchor(p: Path) -> Path:
             return p if p.is_absolute() else Path(os.path.normpath(base / p))
 
+        spool_path = anchor(self.spool.path)
+        liveness_path = (anchor(self.liveness.path) if self.liveness.path
+                         else spool_path.parent / "liveness.sqlite")
         return self.model_copy(
             update={
-                "spool": self.spool.model_copy(update={"path": anchor(self.spool.path)}),
+                "spool": self.spool.model_copy(update={"path": spool_path}),
                 "registry": self.registry.model_copy(update={"path": anchor(self.registry.path)}),
+                "liveness": self.liveness.model_copy(update={"path": liveness_path}),
             }
         )
 

@@ -90,6 +90,19 @@ class Metrics:
         self.mqtt_reconnects = Counter(
             f"{NS}_mqtt_reconnects", "Broker connections lost or refused, each followed by a retry.",
             registry=r)
+        self.mqtt_publish_seconds = Histogram(
+            f"{NS}_mqtt_publish_seconds", "Time from sending a PUBLISH to its PUBACK.",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.devices = Gauge(
+            f"{NS}_devices", "Registered devices by liveness state (online, offline, never_seen).",
+            ["state"], registry=r)
+        self.device_state_changes = Counter(
+            f"{NS}_device_state_changes", "Device liveness changes, by the state entered.",
+            ["state"], registry=r)
+        self.event_loop_lag_seconds = Gauge(
+            f"{NS}_event_loop_lag_seconds",
+            "How late the event loop ran a timer, last check; high means uplinks wait too.",
+            registry=r)
         self.registry_devices = Gauge(
             f"{NS}_registry_devices", "Devices in the loaded registry.", registry=r)
 

@@ -38,5 +38,6 @@ class Record:
 
     topic: str
     payload: bytes
+    retain: bool = False
     # Spool row id, set once the record is durable (0 before).
     spool_id: int = field(default=0, compare=False)

@@ -12,17 +12,18 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from gateway.coap import numbers as C
 from gateway.codecs import DECODERS, DEFAULT_CONTENT_FORMAT, DecodeError
 from gateway.config import Settings
 from gateway.errors import UplinkRejected
+from gateway.liveness import Liveness
 from gateway.metrics import Metrics
 from gateway.model import Record, Uplink, Verdict
 from gateway.registry import Registry
 from gateway.schema import Report, SchemaViolation, TypeSchema, build_schemas
 from gateway.spool import Spool, record_size
+from gateway.timefmt import rfc3339_ms
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ Reply = Callable[[Verdict], None]
 # How many recent accepted seqs per device count as "already accepted".
 SEQ_WINDOW = 8
 ACCEPTED = Verdict(C.CHANGED)
-
-
-def rfc3339_ms(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class TokenBucket:
@@ -83,12 +80,14 @@ class Pipeline:
         registry: Registry,
         spool: Spool,
         metrics: Metrics,
+        liveness: Liveness,
         max_in_flight: int = 20_000,
     ) -> None:
         self._settings = settings
         self._spool = spool
         self._metrics = metrics
         self._registry = registry
+        self._liveness = liveness
         self._schemas: dict[str, TypeSchema] = build_schemas(settings.types)
         self._dedup = SeqDedup()
         self._in_flight = 0
@@ -146,6 +145,7 @@ class Pipeline:
             raise UplinkRejected(C.BAD_REQUEST, "bad_payload", e.detail) from None
         except SchemaViolation as e:
             raise UplinkRejected(C.BAD_REQUEST, e.reason, e.detail) from None
+        self._liveness.seen(device, uplink.received_at)
 
         seq = report.seq
         if seq is not None:

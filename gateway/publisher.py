@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable
 
 import aiomqtt
@@ -159,8 +160,10 @@ class Publisher:
     async def _publish_one(
         self, client: aiomqtt.Client, record: Record, window: asyncio.Semaphore
     ) -> None:
+        started = time.monotonic()
         try:
-            await client.publish(record.topic, record.payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+            await client.publish(record.topic, record.payload, qos=1, retain=record.retain,
+                                 timeout=PUBLISH_TIMEOUT_S)
         except aiomqtt.MqttError as e:
             log.debug("publish of spool record %d failed: %s", record.spool_id, e)
             self._broken.set()
@@ -169,6 +172,7 @@ class Publisher:
             self._in_flight.discard(asyncio.current_task())
             window.release()
         self._metrics.mqtt_published.inc()
+        self._metrics.mqtt_publish_seconds.observe(time.monotonic() - started)
         if not self._acked:
             asyncio.get_running_loop().call_soon(self._flush_acked)
         self._acked.append(record)

@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 from gateway.coap.server import CoapServer, bind_udp
 from gateway.config import Settings, load_config
 from gateway.errors import ConfigError
-from gateway.metrics import Metrics, MetricsServer
+from gateway.liveness import Liveness, LivenessStore
+from gateway.metrics import NS, Metrics, MetricsServer
+from gateway.notify import Notifier, UplinkRate, reloading_message, status_line
 from gateway.pipeline import Pipeline
 from gateway.publisher import Publisher
 from gateway.registry import load_registry
@@ -26,17 +26,6 @@ from gateway.spool import Spool
 
 log = logging.getLogger(__name__)
 COMMIT_WAIT_S = 5.0
-
-
-def sd_notify(message: str) -> None:
-    """systemd notify protocol: one datagram to $NOTIFY_SOCKET; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
-        sock.sendto(message.encode(), address)
 
 
 class Service:
@@ -53,6 +42,11 @@ class Service:
         self._publisher: Publisher | None = None
         self._publisher_task: asyncio.Task[None] | None = None
         self._publisher_stop = asyncio.Event()
+        # systemd: READY/RELOADING/STOPPING, STATUS and the watchdog ping from this loop.
+        self._notifier = Notifier(self._status_line)
+        self._uplink_rate = UplinkRate()
+        self._liveness: Liveness | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     async def run(self) -> int:
         await self.startup()
@@ -74,7 +68,12 @@ class Service:
         m.spool_records.set_function(lambda: spool.records)
         m.spool_bytes.set_function(lambda: spool.size_bytes)
         m.spool_max_bytes.set(s.spool.max_bytes)
-        self._pipeline = Pipeline(s, registry, spool, m)
+        topic_base = f"{s.mqtt.topic_prefix}/{s.gateway.tenant}"
+        assert s.liveness.path is not None  # load_config derives it from the spool path
+        self._liveness = Liveness(registry, spool, m, topic_base, s.liveness.offline_after_intervals,
+                                  LivenessStore(s.liveness.path))
+        await self._liveness.load()
+        self._pipeline = Pipeline(s, registry, spool, m, self._liveness)
         self._coap = CoapServer(self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
                                 dedup_max_entries=s.coap.dedup_max_entries)
         loop = asyncio.get_running_loop()
@@ -90,6 +89,10 @@ class Service:
         self._publisher = Publisher(s.mqtt, s.gateway.id, spool, m)
         self._publisher_task = asyncio.create_task(
             self._publisher.run(self._publisher_stop), name="publisher")
+        self._background = [
+            asyncio.create_task(self._liveness_loop(s.liveness.check_interval_s), name="liveness"),
+            asyncio.create_task(self._loop_lag_monitor(), name="loop-lag"),
+        ]
         for sig, handler in ((signal.SIGTERM, self.stop.set), (signal.SIGINT, self.stop.set),
                              (signal.SIGHUP, self._reload.set)):
             loop.add_signal_handler(sig, handler)
@@ -98,7 +101,37 @@ class Service:
                  s.gateway.id, s.coap.bind, coap_port, len(registry), len(s.types), s.spool.path,
                  spool.records, s.mqtt.host, s.mqtt.port, metrics_where,
                  time.monotonic() - started)
-        sd_notify("READY=1\nSTATUS=accepting uplinks")
+        self._notifier.send("READY=1\n" + self._status_line())
+        self._notifier.start()
+
+    async def _liveness_loop(self, interval_s: float) -> None:
+        """Sweep for silent devices and save the last-seen table, every interval."""
+        assert self._liveness is not None
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self._liveness.sweep(time.time())
+                await self._liveness.save()
+            except Exception:  # task boundary: keep sweeping, say why it failed
+                log.exception("liveness sweep failed")
+
+    async def _loop_lag_monitor(self, period_s: float = 0.5) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + period_s
+            await asyncio.sleep(period_s)
+            self.metrics.event_loop_lag_seconds.set(max(0.0, loop.time() - due))
+
+    def _status_line(self) -> str:
+        received = self.metrics.registry.get_sample_value(f"{NS}_uplinks_received_total") or 0.0
+        spool = self._spool
+        return status_line(
+            state="stopping" if self.stop.is_set() else "running",
+            uplinks_per_s=self._uplink_rate.per_s(received),
+            broker_connected=self._publisher is not None and self._publisher.connected,
+            spool_records=spool.records if spool is not None else 0,
+            spool_bytes=spool.size_bytes if spool is not None else 0,
+            spool_max_bytes=self.settings.spool.max_bytes)
 
     def _on_commit(self, records: int, seconds: float) -> None:
         self.metrics.spool_commit_seconds.observe(seconds)
@@ -136,7 +169,7 @@ class Service:
     def reload(self) -> None:
         """SIGHUP: re-read config types and registry; keep the old ones if anything is wrong."""
         assert self._pipeline is not None
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self._notifier.send(reloading_message())
         try:
             settings = load_config(self.config_path) if self.config_path else self.settings
             registry = load_registry(settings.registry.path, settings.types)
@@ -144,12 +177,14 @@ class Service:
             log.error("reload failed, keeping the current registry: %s", "; ".join(e.problems))
         else:
             self._pipeline.replace_registry(registry, settings)
+            if self._liveness is not None:
+                self._liveness.replace_registry(registry)
             log.info("reloaded registry %s: %d devices", settings.registry.path, len(registry))
-        sd_notify("READY=1")
+        self._notifier.send("READY=1")
 
     # -- shutdown --------------------------------------------------------------------
     async def shutdown(self) -> None:
-        sd_notify("STOPPING=1")
+        self._notifier.send("STOPPING=1\n" + self._status_line())
         log.info("stopping: answering 5.03 to new uplinks, committing those in flight")
         if self._pipeline is not None:
             self._pipeline.accepting = False
@@ -158,6 +193,11 @@ class Service:
                 await asyncio.wait_for(self._spool.wait_committed(), COMMIT_WAIT_S)
         if self._coap is not None:
             self._coap.close()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._liveness is not None:
+            await self._liveness.save()
         self._publisher_stop.set()
         if self._publisher_task is not None:
             try:
@@ -173,3 +213,4 @@ class Service:
             log.info("stopped; %d records remain spooled for the next start", left)
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        await self._notifier.stop()  # pings until here: a drain that hangs is noticed too

@@ -29,7 +29,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL DEFAULT 0
 )
 """
 
@@ -148,13 +149,14 @@ class Spool:
             rows = await asyncio.to_thread(self._read, after_id, limit)
             if rows:
                 self._appended.set()
-        return [Record(topic, bytes(payload), spool_id) for spool_id, topic, payload in rows]
+        return [Record(topic, bytes(payload), bool(retain), spool_id)
+                for spool_id, topic, payload, retain in rows]
 
-    def _read(self, after_id: int, limit: int) -> list[tuple[int, str, bytes]]:
+    def _read(self, after_id: int, limit: int) -> list[tuple[int, str, bytes, int]]:
         assert self._reader is not None
         with self._read_lock:
             return self._reader.execute(
-                "SELECT id, topic, payload FROM records WHERE id > ? ORDER BY id LIMIT ?",
+                "SELECT id, topic, payload, retain FROM records WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
             ).fetchall()
 
@@ -203,8 +205,8 @@ class Spool:
             if deletions:
                 db.executemany("DELETE FROM records WHERE id = ?", ((i,) for i in deletions))
             db.executemany(
-                "INSERT INTO records (topic, payload) VALUES (?, ?)",
-                ((r.topic, r.payload) for r, _ in batch),
+                "INSERT INTO records (topic, payload, retain) VALUES (?, ?, ?)",
+                ((r.topic, r.payload, r.retain) for r, _ in batch),
             )
             db.execute("COMMIT")
         except sqlite3.Error as e:

@@ -130,17 +130,14 @@ def subscribe(broker: Broker, tmp_path: Path) -> Iterator[Callable[[str], Subscr
 
     def _subscribe(topic: str = "nbiot/#") -> Subscription:
         path = tmp_path / f"sub-{len(started)}.txt"
+        probe = f"_probe/{len(started)}"
         proc = popen_logged(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-q", "1",
-             "-v", "-i", f"witness-{len(started)}-{os.getpid()}"], path)
+            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-t", probe,
+             "-q", "1", "-v", "-i", f"witness-{len(started)}-{os.getpid()}"], path)
         sub = Subscription(proc, path)
         started.append(sub)
-        # Ready once the broker sees the subscription: publish a probe and wait for it.
-        probe = f"nbiot/_probe/{len(started)}"
-        if topic in ("#", "nbiot/#"):
-            wait_for(lambda: _probe_seen(broker.port, probe, sub), what="mosquitto_sub ready")
-        else:
-            time.sleep(0.3)
+        # Ready once the broker routes to it: publish a probe until it comes back.
+        wait_for(lambda: _probe_seen(broker.port, probe, sub), what="mosquitto_sub ready")
         return sub
 
     yield _subscribe

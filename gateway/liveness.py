@@ -1,0 +1,164 @@
+"""Device liveness ("100% online monitoring"): last seen, and online/offline/never_seen.
+
+An uplink costs one dict store; a periodic sweep (not a timer per device) marks devices
+offline after `offline_after_intervals` missed reports. Each state change becomes a
+retained MQTT status record in the spool. The table is saved beside the spool, so a
+restart remembers who was seen when. It never blocks the event loop on disk I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+from gateway.metrics import Metrics
+from gateway.model import Record
+from gateway.registry import Device, Registry
+from gateway.spool import Spool, record_size
+from gateway.timefmt import rfc3339_ms
+
+log = logging.getLogger(__name__)
+
+ONLINE, OFFLINE, NEVER_SEEN = "online", "offline", "never_seen"
+STATES = (ONLINE, OFFLINE, NEVER_SEEN)
+
+
+class LivenessStore:
+    """SQLite table device_id -> (last_seen, state); used from a worker thread only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS last_seen ("
+                   "device_id TEXT PRIMARY KEY, seen_at REAL NOT NULL, state TEXT NOT NULL)")
+        return db
+
+    def load(self) -> dict[str, tuple[float, str]]:
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT device_id, seen_at, state FROM last_seen").fetchall()
+        return {device_id: (seen_at, state) for device_id, seen_at, state in rows}
+
+    def save(self, rows: list[tuple[str, float, str]]) -> None:
+        with closing(self._connect()) as db, db:
+            db.executemany("INSERT INTO last_seen (device_id, seen_at, state) VALUES (?, ?, ?) "
+                           "ON CONFLICT(device_id) DO UPDATE SET seen_at=excluded.seen_at, "
+                           "state=excluded.state", rows)
+
+
+class Liveness:
+    def __init__(
+        self,
+        registry: Registry,
+        spool: Spool,
+        metrics: Metrics,
+        topic_base: str,
+        offline_after_intervals: float,
+        store: LivenessStore,
+    ) -> None:
+        self._registry = registry
+        self._spool = spool
+        self._metrics = metrics
+        self._topic_base = topic_base
+        self._offline_after = offline_after_intervals
+        self._store = store
+        self._seen_at: dict[str, float] = {}
+        self._state: dict[str, str] = {}  # ONLINE or OFFLINE; absent means never seen
+        self._dirty: set[str] = set()
+        self._counts = dict.fromkeys(STATES, 0)
+
+    # -- start and reload --------------------------------------------------------------
+    async def load(self) -> None:
+        saved = await asyncio.to_thread(self._store.load)
+        for device_id, (seen_at, state) in saved.items():
+            if self._registry.get(device_id) is not None and state in (ONLINE, OFFLINE):
+                self._seen_at[device_id] = seen_at
+                self._state[device_id] = state
+        self._update_gauges()
+        log.info("liveness: %d devices seen before, %d never seen",
+                 len(self._state), len(self._registry) - len(self._state))
+
+    def replace_registry(self, registry: Registry) -> None:
+        self._registry = registry
+        for device_id in [d for d in self._state if registry.get(d) is None]:
+            del self._state[device_id]
+            self._seen_at.pop(device_id, None)
+        self._update_gauges()
+
+    # -- the hot path ------------------------------------------------------------------
+    def seen(self, device: Device, at: float) -> None:
+        self._seen_at[device.device_id] = at
+        self._dirty.add(device.device_id)
+        if self._state.get(device.device_id) != ONLINE:
+            self._change(device, ONLINE, at, "uplink received")
+
+    # -- the periodic sweep ------------------------------------------------------------
+    def sweep(self, now: float) -> int:
+        """Mark silent devices offline; returns how many changed."""
+        changed = 0
+        for device in self._online_devices():
+            silent_s = now - self._seen_at[device.device_id]
+            if silent_s > device.report_interval_s * self._offline_after:
+                self._change(device, OFFLINE, self._seen_at[device.device_id],
+                             f"no uplink for {silent_s:.0f}s "
+                             f"({self._offline_after:g} x {device.report_interval_s}s interval)")
+                changed += 1
+        return changed
+
+    def _online_devices(self) -> Iterator[Device]:
+        for device_id, state in list(self._state.items()):
+            if state == ONLINE:
+                device = self._registry.get(device_id)
+                if device is not None:
+                    yield device
+
+    async def save(self) -> None:
+        if not self._dirty:
+            return
+        rows = [(d, self._seen_at[d], self._state.get(d, ONLINE))
+                for d in self._dirty if d in self._seen_at]
+        self._dirty = set()
+        await asyncio.to_thread(self._store.save, rows)
+
+    # -- state changes -----------------------------------------------------------------
+    def _change(self, device: Device, state: str, seen_at: float, reason: str) -> None:
+        before = self._state.get(device.device_id, NEVER_SEEN)
+        self._state[device.device_id] = state
+        self._dirty.add(device.device_id)
+        self._metrics.device_state_changes.labels(state).inc()
+        self._count(before, -1)
+        self._count(state, +1)
+        payload = json.dumps({"device_id": device.device_id, "state": state,
+                              "last_seen": rfc3339_ms(seen_at), "reason": reason},
+                             separators=(",", ":")).encode()
+        record = Record(f"{self._topic_base}/{device.device_type}/{device.device_id}/status",
+                        payload, retain=True)
+        if self._spool.has_room(record_size(record)):
+            self._spool.append(record, None)
+        else:
+            log.warning("spool full: status %s of %s not published", state, device.device_id)
+        if state == OFFLINE:
+            log.info("device %s offline: %s", device.device_id, reason)
+
+    def _update_gauges(self) -> None:
+        """Recount every state (on load and reload; changes adjust the counts in O(1))."""
+        online = sum(1 for s in self._state.values() if s == ONLINE)
+        self._counts = {ONLINE: online, OFFLINE: len(self._state) - online,
+                        NEVER_SEEN: len(self._registry) - len(self._state)}
+        for state, n in self._counts.items():
+            self._metrics.devices.labels(state).set(n)
+
+    def _count(self, state: str, delta: int) -> None:
+        self._counts[state] += delta
+        self._metrics.devices.labels(state).set(self._counts[state])
+
+    def state_of(self, device_id: str) -> str:
+        return self._state.get(device_id, NEVER_SEEN)
