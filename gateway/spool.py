@@ -14,6 +14,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 OnDurable = Callable[[bool], None]
 # Bytes counted per row beyond topic and payload: rowid, b-tree cell, WAL frame share.
 ROW_OVERHEAD_BYTES = 32
+# Committed records are also kept in memory for the publisher, up to this much; past it
+# (a long broker outage) the publisher reads them back from the file instead.
+MEMORY_BYTES = 64 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -68,6 +72,10 @@ class Spool:
         self._bytes = 0  # durable + being written, minus deleted
         self._records = 0
         self._appended = asyncio.Event()
+        # Committed, not yet read records: ids [_mem_from_id, _mem_from_id + len) in order.
+        self._mem: deque[Record] = deque()
+        self._mem_bytes = 0
+        self._mem_from_id = 0
         self._uncommitted = 0
         self._drained = asyncio.Event()
         self.commits = 0  # batches committed, for metrics
@@ -87,12 +95,14 @@ class Spool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = _connect(self.path)
             db.execute(_SCHEMA)
-            count, size = db.execute(
-                "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM records"
+            count, size, last_id = db.execute(
+                "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0), "
+                "coalesce(max(id), 0) FROM records"
             ).fetchone()
         except (OSError, sqlite3.Error) as e:
             raise SpoolError(f"cannot open spool {self.path}: {e}") from e
         self._records = count
+        self._mem_from_id = last_id + 1  # older records are read from the file
         self._bytes = size + count * ROW_OVERHEAD_BYTES
         self._reader = _connect(self.path)
         self._writer = threading.Thread(target=self._write_loop, args=(db,), name="spool-writer")
@@ -141,7 +151,10 @@ class Spool:
         await self._appended.wait()
 
     async def read_after(self, after_id: int, limit: int) -> list[Record]:
-        """The oldest records with id > after_id, in order."""
+        """The oldest records with id > after_id, in order: from memory when it holds them
+        (the steady state), else from the file (after a restart, reconnect or overflow)."""
+        if after_id + 1 >= self._mem_from_id:
+            return self._take_from_memory(after_id, limit)
         rows = await asyncio.to_thread(self._read, after_id, limit)
         if not rows:
             self._appended.clear()
@@ -151,6 +164,23 @@ class Spool:
                 self._appended.set()
         return [Record(topic, bytes(payload), bool(retain), spool_id)
                 for spool_id, topic, payload, retain in rows]
+
+    def _take_from_memory(self, after_id: int, limit: int) -> list[Record]:
+        mem = self._mem
+        while mem and mem[0].spool_id <= after_id:
+            self._forget_from_memory()
+        taken: list[Record] = []
+        while mem and len(taken) < limit:
+            taken.append(self._forget_from_memory())
+        if not mem:
+            self._appended.clear()
+        return taken
+
+    def _forget_from_memory(self) -> Record:
+        record = self._mem.popleft()
+        self._mem_bytes -= record_size(record)
+        self._mem_from_id = record.spool_id + 1
+        return record
 
     def _read(self, after_id: int, limit: int) -> list[tuple[int, str, bytes, int]]:
         assert self._reader is not None
@@ -167,6 +197,18 @@ class Spool:
         self._bytes -= sum(record_size(r) for r in records)
         self._records -= len(records)
         self._queue.put([r.spool_id for r in records])
+
+    def _remember(self, batch: list[tuple[Record, OnDurable | None]], first_id: int) -> None:
+        """Keep committed records in memory for the publisher, within MEMORY_BYTES."""
+        if self._mem_bytes > MEMORY_BYTES or first_id != self._mem_from_id + len(self._mem):
+            # Over the budget, or not contiguous: the file serves everything up to here.
+            self._mem.clear()
+            self._mem_bytes = 0
+            self._mem_from_id = first_id + len(batch)
+            return
+        for offset, (record, _) in enumerate(batch):
+            self._mem.append(Record(record.topic, record.payload, record.retain, first_id + offset))
+            self._mem_bytes += record_size(record)
 
     # -- the writer thread -------------------------------------------------------
     def _write_loop(self, db: sqlite3.Connection) -> None:
@@ -200,6 +242,7 @@ class Spool:
     ) -> None:
         started = time.perf_counter()
         ok = True
+        last_id = 0
         try:
             db.execute("BEGIN")
             if deletions:
@@ -208,6 +251,8 @@ class Spool:
                 "INSERT INTO records (topic, payload, retain) VALUES (?, ?, ?)",
                 ((r.topic, r.payload, r.retain) for r, _ in batch),
             )
+            # One writer and AUTOINCREMENT: the batch got consecutive ids ending here.
+            (last_id,) = db.execute("SELECT last_insert_rowid()").fetchone()
             db.execute("COMMIT")
         except sqlite3.Error as e:
             ok = False
@@ -216,17 +261,20 @@ class Spool:
                 db.execute("ROLLBACK")
         elapsed = time.perf_counter() - started
         assert self._loop is not None
+        first_id = last_id - len(batch) + 1 if ok else 0
         with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
-            self._loop.call_soon_threadsafe(self._committed, batch, ok, elapsed)
+            self._loop.call_soon_threadsafe(self._committed, batch, ok, elapsed, first_id)
 
     def _committed(
-        self, batch: list[tuple[Record, OnDurable | None]], ok: bool, elapsed: float
+        self, batch: list[tuple[Record, OnDurable | None]], ok: bool, elapsed: float,
+        first_id: int,
     ) -> None:
         self._uncommitted -= len(batch)
         if ok:
             self._records += len(batch)
             self.commits += 1
             if batch:
+                self._remember(batch, first_id)
                 self._appended.set()
         else:
             self._bytes -= sum(record_size(r) for r, _ in batch)
