@@ -49,8 +49,10 @@ class Service:
         self._background: list[asyncio.Task[None]] = []
 
     async def run(self) -> int:
-        await self.startup()
         try:
+            # Inside the try: a start that fails half-way (a port in use) must still stop the
+            # spool's writer thread, or the process prints its error and never exits.
+            await self.startup()
             await self.main_loop()
         finally:
             await self.shutdown()
@@ -77,7 +79,11 @@ class Service:
         self._coap = CoapServer(self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
                                 dedup_max_entries=s.coap.dedup_max_entries)
         loop = asyncio.get_running_loop()
-        sock = bind_udp(s.coap.bind, s.coap.port)
+        try:
+            sock = bind_udp(s.coap.bind, s.coap.port)
+        except OSError as e:
+            raise OSError(e.errno, f"coap: cannot bind udp {s.coap.bind} port {s.coap.port}: "
+                                   f"{e.strerror}") from None
         coap_port = sock.getsockname()[1]
         coap = self._coap
         await loop.create_datagram_endpoint(lambda: coap, sock=sock)
@@ -184,6 +190,8 @@ class Service:
 
     # -- shutdown --------------------------------------------------------------------
     async def shutdown(self) -> None:
+        if self._spool is None:
+            return  # the start failed before anything was running
         self._notifier.send("STOPPING=1\n" + self._status_line())
         log.info("stopping: answering 5.03 to new uplinks, committing those in flight")
         if self._pipeline is not None:

@@ -19,10 +19,16 @@ async def test_qos1_publishes_are_acked_once_each_and_delivered(
     sub = subscribe("t/#")
     client = await MqttClient.connect("127.0.0.1", broker.port, client_id="t-pub")
     acked: list[int] = []
+    all_acked = asyncio.Event()
+
+    def on_ack(i: int) -> None:
+        acked.append(i)
+        if len(acked) == 500:
+            all_acked.set()
+
     for i in range(500):
-        client.publish(f"t/{i % 7}", b"m%d" % i, qos=1, on_ack=lambda i=i: acked.append(i))
-    while len(acked) < 500:
-        await asyncio.sleep(0.01)
+        client.publish(f"t/{i % 7}", b"m%d" % i, qos=1, on_ack=lambda i=i: on_ack(i))
+    await asyncio.wait_for(all_acked.wait(), 20)
     await client.disconnect()
 
     assert sorted(acked) == list(range(500))
