@@ -32,6 +32,13 @@ Reply = Callable[[Verdict], None]
 SEQ_WINDOW = 8
 ACCEPTED = Verdict(C.CHANGED)
 
+DIAGNOSTIC_MAX_BYTES = 96  # a diagnostic must leave room in one NB-IoT datagram
+
+
+def diagnostic_payload(detail: str) -> bytes:
+    """At most DIAGNOSTIC_MAX_BYTES of UTF-8 (RFC 7252 5.5.2), cut between characters."""
+    return detail.encode()[:DIAGNOSTIC_MAX_BYTES].decode("utf-8", "ignore").encode()
+
 
 class TokenBucket:
     """A rate limit: `rate` per second, bursts up to `burst`."""
@@ -117,7 +124,7 @@ class Pipeline:
         try:
             self._submit(uplink, reply)
         except UplinkRejected as e:
-            self.reject(uplink, e, reply)
+            self._refuse(uplink, e, reply)
 
     def _submit(self, uplink: Uplink, reply: Reply) -> None:
         if not self.accepting:
@@ -210,13 +217,18 @@ class Pipeline:
 
     # -- rejections ------------------------------------------------------------------
     def reject(self, uplink: Uplink, rejection: UplinkRejected, reply: Reply) -> None:
+        """An uplink ingest refused before submitting it (path, method, size, options)."""
+        self._metrics.uplinks_received.inc()
+        self._refuse(uplink, rejection, reply)
+
+    def _refuse(self, uplink: Uplink, rejection: UplinkRejected, reply: Reply) -> None:
         """Count, keep as a dead letter, and answer with a short diagnostic."""
         self._metrics.uplinks_rejected.labels(rejection.reason).inc()
         if rejection.code != C.SERVICE_UNAVAILABLE:
             self._keep_dead_letter(uplink, rejection)
         log.debug("rejected uplink from %s device=%s: %s %s", uplink.remote, uplink.device_id,
                   rejection.reason, rejection.detail)
-        reply(Verdict(rejection.code, rejection.detail.encode()[:96],
+        reply(Verdict(rejection.code, diagnostic_payload(rejection.detail),
                       C.CONTENT_FORMAT_TEXT, rejection.max_age_s))
 
     def _keep_dead_letter(self, uplink: Uplink, rejection: UplinkRejected) -> None:

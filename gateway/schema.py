@@ -23,6 +23,10 @@ _REASONS = {
     "less_than_equal": "out_of_range",
 }
 
+# 9999-12-31T23:59:59Z, the last second a datetime can show: a device clock past it is broken
+# (or counts milliseconds), and rejecting it here keeps the RFC 3339 formatting total.
+MAX_DEVICE_TIME_S = 253_402_300_799
+
 
 class SchemaViolation(Exception):
     def __init__(self, reason: str, detail: str) -> None:
@@ -46,7 +50,7 @@ class TypeSchema:
         self.units = {f: s.unit for f, s in spec.fields.items()}
         definitions: dict[str, Any] = {
             "seq": (int | None, Field(None, ge=0, le=2**63 - 1)),
-            "ts": (float | None, Field(None, ge=0, allow_inf_nan=False)),
+            "ts": (float | None, Field(None, ge=0, le=MAX_DEVICE_TIME_S, allow_inf_nan=False)),
         }
         for fname, fs in spec.fields.items():
             constraint = Field(
@@ -60,6 +64,12 @@ class TypeSchema:
         )
 
     def validate(self, decoded: Decoded) -> Report:
+        # Units first: a value in the wrong unit is often out of range too, and the unit is
+        # what the device must fix.
+        for fname, unit in decoded.units.items():
+            expected = self.units.get(fname)
+            if expected and unit != expected:
+                raise SchemaViolation("wrong_unit", f"{fname}: unit {unit[:16]!r}, expected {expected!r}")
         try:
             model = self._model.model_validate(decoded.fields)
         except ValidationError as e:
@@ -67,10 +77,6 @@ class TypeSchema:
             loc = ".".join(str(p) for p in first["loc"]) or "payload"
             reason = _REASONS.get(first["type"], "wrong_type")
             raise SchemaViolation(reason, f"{loc}: {first['msg']}"[:96]) from None
-        for fname, unit in decoded.units.items():
-            expected = self.units.get(fname)
-            if expected and unit != expected:
-                raise SchemaViolation("wrong_unit", f"{fname}: unit {unit[:16]!r}, expected {expected!r}")
         data = model.__dict__
         values = {k: v for k, v in data.items() if v is not None and k not in ("seq", "ts")}
         return Report(seq=data["seq"], device_time=data["ts"], values=values)

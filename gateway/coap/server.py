@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 from gateway.coap import numbers as C
 from gateway.coap import wire
@@ -122,6 +121,7 @@ class CoapServer(asyncio.DatagramProtocol):
         content_format: int | None = None
         block1: wire.Block | None = None
         size1: int | None = None
+        bad_option: UplinkRejected | None = None  # the first one; parsing goes on for the dead letter
         for number, value in msg.options:
             if number == C.URI_PATH:
                 path.append(value.decode("utf-8", "replace"))
@@ -130,27 +130,35 @@ class CoapServer(asyncio.DatagramProtocol):
             elif number == C.CONTENT_FORMAT:
                 content_format = wire.uint_of(value)
             elif number == C.BLOCK1:
-                block1 = wire.Block.parse(value)
+                try:
+                    block1 = wire.Block.parse(value)
+                except wire.CoapFormatError:
+                    # RFC 7252 5.4.3: a bad length makes it an unrecognized, critical option.
+                    bad_option = bad_option or UplinkRejected(
+                        C.BAD_OPTION, "bad_option", "Block1 longer than 3 bytes")
             elif number == C.SIZE1:
                 size1 = wire.uint_of(value)
             elif number == C.PROXY_URI or number == C.PROXY_SCHEME:
-                self._reply_code(msg, addr, key, C.PROXYING_NOT_SUPPORTED, b"no proxying")
-                return
+                bad_option = bad_option or UplinkRejected(
+                    C.PROXYING_NOT_SUPPORTED, "proxying_not_supported", "no proxying")
             elif number & 1 and number not in C.UNDERSTOOD_OPTIONS:
-                self._reply_code(msg, addr, key, C.BAD_OPTION, f"critical option {number}".encode())
-                return
+                bad_option = bad_option or UplinkRejected(
+                    C.BAD_OPTION, "bad_option", f"critical option {number}")
 
         device_id = path[1] if len(path) == 2 and path[0] == "up" else ""
         token = None
         for q in query:
             if q.startswith("k="):
-                token = unquote(q[2:])
+                token = q[2:]  # option values are already percent-decoded (RFC 7252 6.4)
         uplink = Uplink(device_id, token, content_format, msg.payload, self._transport_name,
                         _fmt(addr), received_at, received_mono)
 
         def reply(verdict: Verdict, block: wire.Block | None = block1) -> None:
             self._respond(msg, addr, key, verdict, block)
 
+        if bad_option is not None:
+            self._sink.reject(uplink, bad_option, reply)
+            return
         if not device_id:
             self._sink.reject(uplink, UplinkRejected(
                 C.NOT_FOUND, "unknown_path", "POST to /up/{device_id}?k={token}"), reply)
@@ -162,6 +170,10 @@ class CoapServer(asyncio.DatagramProtocol):
         too_large = UplinkRejected(C.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
                                    f"max {self._max_payload} bytes")
         if block1 is not None:
+            if block1.szx == wire.Block.RESERVED_SZX:
+                self._sink.reject(uplink, UplinkRejected(
+                    C.BAD_REQUEST, "bad_block", "Block1 size exponent 7 is reserved"), reply)
+                return
             if (size1 or 0) > self._max_payload:
                 self._sink.reject(uplink, too_large, reply)
                 return

@@ -7,6 +7,7 @@ either decodes or raises CoapFormatError, nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 PAYLOAD_MARKER = 0xFF
 
@@ -141,6 +142,8 @@ class Block:
     num: int
     more: bool
     szx: int
+
+    RESERVED_SZX: ClassVar[int] = 7  # 2048 bytes: BERT, CoAP over TCP only (RFC 8323)
 
     @property
     def size(self) -> int:

@@ -20,6 +20,7 @@ CBOR_LABELS = {-1: "bver", -2: "bn", -3: "bt", -4: "bu", -5: "bv", -6: "bs",
 RELATIVE_TIME_LIMIT = 2**28
 _FIELD_TAIL = re.compile(r"[^:/]*$")
 MAX_RECORDS = 256
+_MAX_INT = 2**1023  # ints beyond this do not convert to float
 
 
 def decode_json(payload: bytes) -> Decoded:
@@ -44,6 +45,9 @@ def decode_cbor(payload: bytes) -> Decoded:
 def _number(value: Any, label: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DecodeError(f"SenML: {label} must be a number")
+    if isinstance(value, int) and not -_MAX_INT <= value <= _MAX_INT:
+        # Past a double's range `bt + t` and `bv + v` would raise OverflowError.
+        raise DecodeError(f"SenML: {label} out of range")
     return value
 
 
