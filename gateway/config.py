@@ -88,6 +88,43 @@ class RegistrySection(Section):
     path: Path = Path("devices.example.csv")
 
 
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+SimFormat = Literal["json", "cbor", "senml+json", "senml+cbor"]
+
+
+class SimSection(Section):
+    """The fleet simulator (`nbiot-gateway sim`); the daemon never reads this section."""
+
+    host: str = "127.0.0.1"  # the gateway's CoAP address
+    port: PortOrAny | None = None  # None: coap.port
+    devices: Annotated[int, Field(ge=1)] | None = None  # None: every device in the registry
+    interval_s: Annotated[float, Field(gt=0)] | None = None  # None: each device's own interval
+    duration_s: Annotated[float, Field(gt=0)] = 60.0  # reports start within this window
+    profile: Literal["steady", "storm", "faulty"] = "steady"
+    seed: int | None = None  # None: a new fleet every run
+    jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1  # +- share of the interval
+    storm_window_s: Annotated[float, Field(gt=0)] = 5.0  # profile storm: all report within it
+    faulty_share: Share | None = None  # None: 0.01, or 0.3 with profile faulty
+    loss_up: Annotated[float, Field(ge=0.0, le=0.9)] = 0.01
+    loss_down: Annotated[float, Field(ge=0.0, le=0.9)] = 0.01
+    latency_scale: Annotated[float, Field(ge=0.0, le=10.0)] = 1.0  # x the CE0/CE1/CE2 latencies
+    coverage_shares: tuple[Share, Share, Share] = (0.7, 0.2, 0.1)  # CE0, CE1, CE2
+    formats: Annotated[tuple[SimFormat, ...], Field(min_length=1)] = (
+        "json", "cbor", "senml+json", "senml+cbor")
+    nat_rebind_probability: Share = 0.05  # per retransmission: a new source port
+    nat_idle_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_awake: Annotated[int, Field(ge=1)] = 15_000  # sockets open at once (fd limit!)
+    source_addresses: Literal["per_device", "shared"] = "per_device"  # 127.x.y.z per device
+    drain_s: Annotated[float, Field(ge=0)] = 30.0  # after the window: finish exchanges
+    grace_s: Annotated[float, Field(ge=0)] = 10.0  # then: wait for acked reports on MQTT
+
+    @model_validator(mode="after")
+    def _some_coverage(self) -> SimSection:
+        if sum(self.coverage_shares) <= 0:
+            raise ValueError("coverage_shares must not all be 0")
+        return self
+
+
 class FieldSpec(Section):
     unit: str = ""
     min: float | None = None
@@ -139,6 +176,7 @@ class Settings(BaseSettings):
     spool: SpoolSection = SpoolSection()
     metrics: MetricsSection = MetricsSection()
     registry: RegistrySection = RegistrySection()
+    sim: SimSection = SimSection()
     liveness: LivenessSection = LivenessSection()
     types: dict[TopicPart, DeviceType] = Field(default_factory=dict)
 
@@ -176,10 +214,18 @@ class Settings(BaseSettings):
 
 
 def _format_errors(err: ValidationError) -> list[str]:
+    env = {k.upper() for k in os.environ}
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"{loc}: {e['msg']}")
+        line = f"{loc}: {e['msg']}"
+        # A bad value set in the environment is not in the file: say where it came from.
+        for depth in range(len(e["loc"]), 0, -1):
+            name = "NBIOT_" + "__".join(str(p) for p in e["loc"][:depth]).upper()
+            if name in env:
+                line += f" (from the environment: {name})"
+                break
+        lines.append(line)
     return lines
 
 
@@ -187,12 +233,16 @@ def load_config(path: Path | str, **overrides: Any) -> Settings:
     """Read and validate the config file; raise ConfigError listing every problem."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"config file {path} does not exist"])
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError([f"config file {path} {what}"])
     try:
         with path.open("rb") as f:
             tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: not UTF-8 text ({e.reason} "
+                           f"at byte {e.start})"]) from None
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
     bound = type("BoundSettings", (Settings,), {"toml_path": path})
@@ -201,8 +251,9 @@ def load_config(path: Path | str, **overrides: Any) -> Settings:
     except ValidationError as e:
         raise ConfigError(_format_errors(e)) from None
     env_unknown = [
-        k for k in os.environ if k.startswith("NBIOT_") and k.split("__")[0][6:].lower()
-        not in Settings.model_fields
+        # Upper-cased like pydantic-settings does: `nbiot_mqqt__port` is a typo too.
+        k for k in os.environ if k.upper().startswith("NBIOT_")
+        and k.split("__")[0][6:].lower() not in Settings.model_fields
     ]
     if env_unknown:
         raise ConfigError([f"{k}: unknown setting in the environment" for k in env_unknown])

@@ -24,6 +24,7 @@ from gateway.spool import Spool
 
 log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 30.0
+STATUS_TIMEOUT_S = 1.0
 
 
 def status_topic(mqtt: MqttSection, gateway_id: str) -> str:
@@ -39,7 +40,9 @@ class Backoff:
 
     def next_delay(self) -> float:
         ceiling = min(self.max_s, self.min_s * (2**self._attempt))
-        self._attempt += 1
+        # Stop growing at the cap: 2**1024 overflows a float after ~1000 retries (a long outage).
+        if ceiling < self.max_s:
+            self._attempt += 1
         return random.uniform(self.min_s, ceiling)
 
     def reset(self) -> None:
@@ -62,6 +65,8 @@ class Publisher:
         self._backoff = Backoff(mqtt.reconnect_min_s, mqtt.reconnect_max_s)
         self._acked: list[Record] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()  # set while nothing is in flight
+        self._idle.set()
         self._broken: asyncio.Event = asyncio.Event()
         self.connected = False
 
@@ -72,7 +77,7 @@ class Publisher:
                 cafile=str(self._mqtt.tls_ca_file) if self._mqtt.tls_ca_file else None
             )
         password = self._mqtt.password.get_secret_value() if self._mqtt.password else None
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self._mqtt.host,
             self._mqtt.port,
             username=self._mqtt.username,
@@ -85,6 +90,10 @@ class Publisher:
             max_inflight_messages=self._mqtt.inflight_window,
             tls_context=tls_context,
         )
+        # aiomqtt logs a WARNING per publish beyond 10 awaiting their PUBACK; our window is
+        # meant to be full during a drain (one line per record flooded the journal).
+        client.pending_calls_threshold = self._mqtt.inflight_window + 1
+        return client
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until `stop` is set and the spool is empty; reconnect as needed."""
@@ -95,13 +104,18 @@ class Publisher:
                     return
             except (aiomqtt.MqttError, ConnectionLost, OSError) as e:
                 self._set_connected(False)
+                if stop.is_set():
+                    # Stopping: the spool keeps the rest for the next start; retrying here
+                    # would only delay the stop (and hammer the broker) for nothing.
+                    log.warning("broker %s:%d unavailable while stopping (%s); %d records stay "
+                                "spooled", self._mqtt.host, self._mqtt.port,
+                                e or type(e).__name__, self._spool.records)
+                    return
                 self._metrics.mqtt_reconnects.inc()
                 delay = self._backoff.next_delay()
                 log.warning("broker %s:%d unavailable (%s); %d records spooled; retry in %.1fs",
                             self._mqtt.host, self._mqtt.port, e or type(e).__name__,
                             self._spool.records, delay)
-            if stop.is_set() and self._spool.records == 0:
-                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
@@ -117,11 +131,21 @@ class Publisher:
             await self._publish_spool(client, stop)
             await client.publish(self._status_topic, b"offline", qos=1, retain=True)
             log.info("published the spool and marked the gateway offline; disconnecting")
+        except asyncio.CancelledError:
+            # The drain ran out of time. A clean disconnect makes the broker discard the last
+            # will, so say `offline` ourselves; QoS 0 is written at once, not queued behind
+            # the unacked window.
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(self._status_topic, b"offline", qos=0, retain=True,
+                                     timeout=STATUS_TIMEOUT_S)
+            raise
         finally:
             watcher.cancel()
             for task in list(self._in_flight):
                 task.cancel()
             await asyncio.gather(*self._in_flight, watcher, return_exceptions=True)
+            self._in_flight.clear()  # a task cancelled before it ran never removed itself
+            self._idle.set()
             self._flush_acked()
             self._set_connected(False)
 
@@ -135,16 +159,23 @@ class Publisher:
 
     async def _publish_spool(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         window = asyncio.Semaphore(self._mqtt.inflight_window)
-        cursor = 0  # a new connection re-reads everything not yet acked
+        cursor = 0  # a new connection re-reads everything not yet acked...
+        await self._spool.wait_deleted()  # ...and nothing acked on the last one
         while True:
             if self._broken.is_set():
                 raise ConnectionLost("connection to the broker lost")
             records = await self._spool.read_after(cursor, self._mqtt.inflight_window)
             if not records:
-                if stop.is_set() and not self._in_flight and self._spool.records == 0:
+                self._flush_acked()
+                if stop.is_set() and not self._in_flight:
+                    if self._spool.records:
+                        log.warning("%d records were not published in this run; they stay "
+                                    "spooled for the next start", self._spool.records)
                     return
+                # When draining, wake once nothing is in flight: waiting on `stop` (already
+                # set) or on every publish would spin the loop until the last PUBACK.
                 await _first_of(self._spool.wait_for_records(), self._broken.wait(),
-                                stop.wait(), *self._in_flight)
+                                self._idle.wait() if stop.is_set() else stop.wait())
                 continue
             for record in records:
                 if window.locked():
@@ -155,6 +186,7 @@ class Publisher:
                     raise ConnectionLost("connection to the broker lost")
                 task = asyncio.create_task(self._publish_one(client, record, window))
                 self._in_flight.add(task)
+                self._idle.clear()
             cursor = records[-1].spool_id
 
     async def _publish_one(
@@ -170,6 +202,8 @@ class Publisher:
             return
         finally:
             self._in_flight.discard(asyncio.current_task())
+            if not self._in_flight:
+                self._idle.set()
             window.release()
         self._metrics.mqtt_published.inc()
         self._metrics.mqtt_publish_seconds.observe(time.monotonic() - started)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hmac
+import io
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -56,63 +57,83 @@ class Registry:
 def load_registry(path: Path, known_types: Mapping[str, object]) -> Registry:
     """Parse the CSV registry; raise ConfigError listing bad rows (line numbers)."""
     try:
-        f = path.open(newline="", encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError([f"registry.path: cannot read {path}: {e.strerror}"]) from None
-    problems: list[str] = []
-    devices: list[Device] = []
-    seen: set[str] = set()
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ConfigError([f"{path}: empty file, expected header {','.join(REQUIRED_COLUMNS)}"])
-        columns = [h.strip() for h in header]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise ConfigError([f"{path}:1: missing column(s) {', '.join(missing)}"])
-        i_id, i_type, i_token, i_interval = (columns.index(c) for c in REQUIRED_COLUMNS)
-        i_enabled = columns.index("enabled") if "enabled" in columns else None
-        width = len(columns)
-        for line_no, row in enumerate(reader, start=2):
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if row[0].startswith("#"):
-                continue
-            if len(row) != width:
-                problems.append(f"{path}:{line_no}: expected {width} columns, got {len(row)}")
-                continue
-            device_id, dtype, token = row[i_id].strip(), row[i_type].strip(), row[i_token]
-            where = f"{path}:{line_no}"
-            if not DEVICE_ID.match(device_id):
-                problems.append(f"{where}: device_id {device_id!r} is not a valid id")
-            elif device_id in seen:
-                problems.append(f"{where}: device_id {device_id!r} appears twice")
-            if dtype not in known_types:
-                problems.append(f"{where}: type {dtype!r} is not defined under [types]")
-            if not token:
-                problems.append(f"{where}: token is empty")
-            try:
-                interval = int(row[i_interval])
-                if interval <= 0:
-                    raise ValueError
-            except ValueError:
-                problems.append(f"{where}: report_interval_s {row[i_interval]!r} is not a positive integer")
-                interval = 0
-            enabled = True
-            if i_enabled is not None:
-                flag = row[i_enabled].strip().lower()
-                if flag in _TRUE:
-                    enabled = True
-                elif flag in _FALSE:
-                    enabled = False
-                else:
-                    problems.append(f"{where}: enabled {row[i_enabled]!r} is not true/false")
-            if len(problems) >= MAX_PROBLEMS:
-                problems.append("... (further problems not listed)")
-                break
-            seen.add(device_id)
-            devices.append(Device(device_id, dtype, token, interval, enabled))
+    try:
+        # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte order mark before the header.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_no = e.object.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{path}:{line_no}: not UTF-8 text (byte {e.object[e.start]:#04x}); "
+                           "save the registry as UTF-8"]) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        devices, problems = _parse_rows(reader, path, known_types)
+    except csv.Error as e:  # e.g. an unclosed quote swallowing the rest of the file
+        raise ConfigError([f"{path}:{reader.line_num}: not valid CSV ({e}); "
+                           "look for an unclosed quote above"]) from None
     if problems:
         raise ConfigError(problems)
     return Registry(devices, source=path)
+
+
+def _parse_rows(
+    reader: Iterator[list[str]], path: Path, known_types: Mapping[str, object]
+) -> tuple[list[Device], list[str]]:
+    problems: list[str] = []
+    devices: list[Device] = []
+    first_line: dict[str, int] = {}
+    header = next(reader, None)
+    if header is None:
+        raise ConfigError([f"{path}: empty file, expected header {','.join(REQUIRED_COLUMNS)}"])
+    columns = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ConfigError([f"{path}:1: missing column(s) {', '.join(missing)} "
+                           f"(the header reads {','.join(header)!r}; columns are comma-separated)"])
+    i_id, i_type, i_token, i_interval = (columns.index(c) for c in REQUIRED_COLUMNS)
+    i_enabled = columns.index("enabled") if "enabled" in columns else None
+    width = len(columns)
+    for line_no, row in enumerate(reader, start=2):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if row[0].startswith("#"):
+            continue
+        if len(row) != width:
+            problems.append(f"{path}:{line_no}: expected {width} columns, got {len(row)}")
+            continue
+        # Stripped like the other columns: "d1, env_th, tok, 60" must not make every uplink 4.01.
+        device_id, dtype, token = row[i_id].strip(), row[i_type].strip(), row[i_token].strip()
+        where = f"{path}:{line_no}"
+        if not DEVICE_ID.match(device_id):
+            problems.append(f"{where}: device_id {device_id!r} is not a valid id")
+        elif device_id in first_line:
+            problems.append(f"{where}: device_id {device_id!r} appears twice "
+                            f"(first on line {first_line[device_id]})")
+        if dtype not in known_types:
+            problems.append(f"{where}: type {dtype!r} is not defined under [types]")
+        if not token:
+            problems.append(f"{where}: token is empty")
+        try:
+            interval = int(row[i_interval])
+            if interval <= 0:
+                raise ValueError
+        except ValueError:
+            problems.append(f"{where}: report_interval_s {row[i_interval]!r} is not a positive integer")
+            interval = 0
+        enabled = True
+        if i_enabled is not None:
+            flag = row[i_enabled].strip().lower()
+            if flag in _TRUE:
+                enabled = True
+            elif flag in _FALSE:
+                enabled = False
+            else:
+                problems.append(f"{where}: enabled {row[i_enabled]!r} is not true/false")
+        if len(problems) >= MAX_PROBLEMS:
+            problems.append("... (further problems not listed)")
+            break
+        first_line.setdefault(device_id, line_no)
+        devices.append(Device(device_id, dtype, token, interval, enabled))
+    return devices, problems

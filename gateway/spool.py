@@ -78,6 +78,9 @@ class Spool:
         self._mem_from_id = 0
         self._uncommitted = 0
         self._drained = asyncio.Event()
+        self._deletes_pending = 0  # ids queued for deletion, not yet committed
+        self._deleted = asyncio.Event()
+        self._deleted.set()
         self.commits = 0  # batches committed, for metrics
         self.on_commit: Callable[[int, float], None] | None = None  # (records, seconds)
 
@@ -95,6 +98,9 @@ class Spool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = _connect(self.path)
             db.execute(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
+            if "retain" not in columns:  # a spool written before retained records existed
+                db.execute("ALTER TABLE records ADD COLUMN retain INTEGER NOT NULL DEFAULT 0")
             count, size, last_id = db.execute(
                 "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0), "
                 "coalesce(max(id), 0) FROM records"
@@ -119,7 +125,9 @@ class Spool:
         await asyncio.to_thread(self._writer.join)
         self._writer = None
         if self._reader is not None:
-            self._reader.close()
+            # A read cancelled by the shutdown may still run in its thread: wait for it.
+            with self._read_lock:
+                self._reader.close()
             self._reader = None
 
     # -- appending (event loop thread) -------------------------------------------
@@ -196,7 +204,15 @@ class Spool:
             return
         self._bytes -= sum(record_size(r) for r in records)
         self._records -= len(records)
+        self._deletes_pending += len(records)
+        self._deleted.clear()
         self._queue.put([r.spool_id for r in records])
+
+    async def wait_deleted(self) -> None:
+        """Return once every deletion so far is committed. A reader starting over (a new
+        broker connection) waits for this, or it could re-send an acked record and have it
+        deleted, and counted off, twice (a slow fsync makes that window wide)."""
+        await self._deleted.wait()
 
     def _remember(self, batch: list[tuple[Record, OnDurable | None]], first_id: int) -> None:
         """Keep committed records in memory for the publisher, within MEMORY_BYTES."""
@@ -263,13 +279,17 @@ class Spool:
         assert self._loop is not None
         first_id = last_id - len(batch) + 1 if ok else 0
         with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
-            self._loop.call_soon_threadsafe(self._committed, batch, ok, elapsed, first_id)
+            self._loop.call_soon_threadsafe(self._committed, batch, ok, elapsed, first_id,
+                                            len(deletions))
 
     def _committed(
         self, batch: list[tuple[Record, OnDurable | None]], ok: bool, elapsed: float,
-        first_id: int,
+        first_id: int, deleted: int,
     ) -> None:
         self._uncommitted -= len(batch)
+        self._deletes_pending -= deleted
+        if not self._deletes_pending:
+            self._deleted.set()
         if ok:
             self._records += len(batch)
             self.commits += 1
