@@ -151,6 +151,17 @@ class DeviceType(Section):
         return self
 
 
+class LimitsSection(Section):
+    # Per device: uplinks per second on average and the burst allowed; excess gets 4.29
+    # with Max-Age. 0 turns the per-device limit off.
+    per_device_rate: Annotated[float, Field(ge=0)] = 1.0
+    per_device_burst: Annotated[int, Field(ge=1)] = 20
+    # Admission control: uplinks waiting for their spool commit; past this, 5.03.
+    max_in_flight: Annotated[int, Field(ge=100)] = 20_000
+    # Rejected uplinks kept on the dead-letter topic, per second (bursts of 5 s).
+    dead_letters_per_s: Annotated[float, Field(gt=0)] = 200.0
+
+
 class LivenessSection(Section):
     # A device is offline after this many report intervals without an uplink.
     offline_after_intervals: Annotated[float, Field(ge=1)] = 3.0
@@ -178,6 +189,7 @@ class Settings(BaseSettings):
     registry: RegistrySection = RegistrySection()
     sim: SimSection = SimSection()
     liveness: LivenessSection = LivenessSection()
+    limits: LimitsSection = LimitsSection()
     types: dict[TopicPart, DeviceType] = Field(default_factory=dict)
 
     @classmethod

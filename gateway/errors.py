@@ -24,3 +24,4 @@ class UplinkRejected(GatewayError):
         self.reason = reason
         self.detail = detail
         self.max_age_s = max_age_s
+        self.authenticated = False  # set once the device's credential was checked

@@ -30,6 +30,9 @@ class Verdict:
     payload: bytes = b""
     content_format: int | None = None
     max_age_s: int | None = None
+    # False until the device proved who it is: then an error reply must not be larger
+    # than the request (RFC 7252 11.3, no amplification for spoofed sources).
+    authenticated: bool = False
 
 
 @dataclass(slots=True, frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -20,7 +21,8 @@ from gateway.errors import UplinkRejected
 from gateway.liveness import Liveness
 from gateway.metrics import Metrics
 from gateway.model import Record, Uplink, Verdict
-from gateway.registry import Registry
+from gateway.registry import Device, Registry
+from gateway.replay import ReplayWindow, Seen
 from gateway.schema import Report, SchemaViolation, TypeSchema, build_schemas
 from gateway.spool import Spool, record_size
 from gateway.timefmt import rfc3339_ms
@@ -28,8 +30,6 @@ from gateway.timefmt import rfc3339_ms
 log = logging.getLogger(__name__)
 
 Reply = Callable[[Verdict], None]
-# How many recent accepted seqs per device count as "already accepted".
-SEQ_WINDOW = 8
 ACCEPTED = Verdict(C.CHANGED)
 
 DIAGNOSTIC_MAX_BYTES = 96  # a diagnostic must leave room in one NB-IoT datagram
@@ -57,27 +57,24 @@ class TokenBucket:
         return False
 
 
-class SeqDedup:
-    """Which (device, seq) were accepted recently, and which are being committed now."""
+class DeviceRateLimit:
+    """A token bucket per device, kept as two floats in one dict (no object per device)."""
 
-    def __init__(self) -> None:
-        self._recent: dict[str, tuple[int, ...]] = {}
-        self._pending: dict[tuple[str, int], list[Reply]] = {}
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
 
-    def seen(self, device_id: str, seq: int) -> bool:
-        return seq in self._recent.get(device_id, ())
-
-    def waiters(self, device_id: str, seq: int) -> list[Reply] | None:
-        return self._pending.get((device_id, seq))
-
-    def begin(self, device_id: str, seq: int) -> None:
-        self._pending[(device_id, seq)] = []
-
-    def finish(self, device_id: str, seq: int, accepted: bool) -> list[Reply]:
-        if accepted:
-            recent = self._recent.get(device_id, ())
-            self._recent[device_id] = (*recent[-(SEQ_WINDOW - 1):], seq)
-        return self._pending.pop((device_id, seq), [])
+    def retry_after_s(self, device_id: str, now: float) -> int | None:
+        """None if the device may send now (a token is taken), else seconds to wait."""
+        if not self.rate:
+            return None
+        tokens, at = self._buckets.get(device_id, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens >= 1:
+            self._buckets[device_id] = (tokens - 1, now)
+            return None
+        self._buckets[device_id] = (tokens, now)
+        return max(1, math.ceil((1 - tokens) / self.rate))
 
 
 class Pipeline:
@@ -88,7 +85,6 @@ class Pipeline:
         spool: Spool,
         metrics: Metrics,
         liveness: Liveness,
-        max_in_flight: int = 20_000,
     ) -> None:
         self._settings = settings
         self._spool = spool
@@ -96,10 +92,15 @@ class Pipeline:
         self._registry = registry
         self._liveness = liveness
         self._schemas: dict[str, TypeSchema] = build_schemas(settings.types)
-        self._dedup = SeqDedup()
+        self._seqs = ReplayWindow(spool.seq_states)
+        # (device, seq) being committed now -> replies waiting for that commit
+        self._pending: dict[tuple[str, int], list[Reply]] = {}
+        limits = settings.limits
+        self._rate_limit = DeviceRateLimit(limits.per_device_rate, limits.per_device_burst)
         self._in_flight = 0
-        self._max_in_flight = max_in_flight
-        self._dead_letter_budget = TokenBucket(rate=200, burst=1000)
+        self._max_in_flight = limits.max_in_flight
+        self._dead_letter_budget = TokenBucket(limits.dead_letters_per_s,
+                                               5 * limits.dead_letters_per_s)
         self.accepting = True
         prefix, tenant = settings.mqtt.topic_prefix, settings.gateway.tenant
         self._topic_base = f"{prefix}/{tenant}"
@@ -137,8 +138,19 @@ class Pipeline:
             raise UplinkRejected(C.UNAUTHORIZED, "missing_token", "token k= missing")
         if not device.token_matches(uplink.token):
             raise UplinkRejected(C.UNAUTHORIZED, "bad_token", "wrong token")
+        try:
+            self._submit_authenticated(uplink, device, reply)
+        except UplinkRejected as e:
+            e.authenticated = True
+            raise
+
+    def _submit_authenticated(self, uplink: Uplink, device: Device, reply: Reply) -> None:
         if not device.enabled:
             raise UplinkRejected(C.FORBIDDEN, "device_disabled", "device disabled")
+        retry_after_s = self._rate_limit.retry_after_s(device.device_id, uplink.received_mono)
+        if retry_after_s is not None:
+            raise UplinkRejected(C.TOO_MANY_REQUESTS, "rate_limited", "too many uplinks",
+                                 max_age_s=retry_after_s)
         content_format = uplink.content_format
         if content_format is None:
             content_format = DEFAULT_CONTENT_FORMAT
@@ -154,17 +166,23 @@ class Pipeline:
             raise UplinkRejected(C.BAD_REQUEST, e.reason, e.detail) from None
         self._liveness.seen(device, uplink.received_at)
 
-        seq = report.seq
+        seq, seen = report.seq, Seen.NEW
         if seq is not None:
-            if self._dedup.seen(device.device_id, seq):
-                self._metrics.uplinks_duplicate.inc()
-                reply(ACCEPTED)
-                return
-            waiters = self._dedup.waiters(device.device_id, seq)
+            waiters = self._pending.get((device.device_id, seq))
             if waiters is not None:  # the same seq is being committed right now
                 self._metrics.uplinks_duplicate.inc()
                 waiters.append(reply)
                 return
+            seen = self._seqs.check(device.device_id, seq, report.device_time)
+            if seen is Seen.DUPLICATE:
+                self._metrics.uplinks_duplicate.inc()
+                reply(ACCEPTED)
+                return
+            if seen is Seen.STALE:
+                raise UplinkRejected(
+                    C.BAD_REQUEST, "stale_seq",
+                    f"seq {seq} is far below {self._seqs.hwm(device.device_id)}, the last "
+                    "accepted; a restarted counter needs a newer ts")
 
         record = Record(
             f"{self._topic_base}/{device.device_type}/{device.device_id}/up",
@@ -177,12 +195,22 @@ class Pipeline:
             raise UplinkRejected(C.SERVICE_UNAVAILABLE, "overloaded", "overloaded, retry later",
                                  max_age_s=self._overload_max_age_s)
         self._in_flight += 1
+        seq_state = None
         if seq is not None:
-            self._dedup.begin(device.device_id, seq)
+            self._pending[(device.device_id, seq)] = []
+            if seen is Seen.RESET:
+                log.info("device %s restarted its seq at %d (device time moved forward)",
+                         device.device_id, seq)
+            seq_state = (device.device_id,
+                         self._seqs.accept(device.device_id, seq, report.device_time, seen))
 
         def on_durable(ok: bool) -> None:
             self._in_flight -= 1
-            waiters = self._dedup.finish(device.device_id, seq, ok) if seq is not None else []
+            waiters: list[Reply] = []
+            if seq is not None:
+                waiters = self._pending.pop((device.device_id, seq), [])
+                if not ok:
+                    self._seqs.forget(device.device_id, seq)
             if ok:
                 self._metrics.uplinks_accepted.inc()
                 self._metrics.uplink_ack_seconds.observe(time.monotonic() - uplink.received_mono)
@@ -195,7 +223,7 @@ class Pipeline:
             for waiter in waiters:
                 waiter(verdict)
 
-        self._spool.append(record, on_durable)
+        self._spool.append(record, on_durable, seq_state)
 
     def _message(self, uplink: Uplink, device_type: str, report: Report) -> bytes:
         units = self._schemas[device_type].units
@@ -224,12 +252,12 @@ class Pipeline:
     def _refuse(self, uplink: Uplink, rejection: UplinkRejected, reply: Reply) -> None:
         """Count, keep as a dead letter, and answer with a short diagnostic."""
         self._metrics.uplinks_rejected.labels(rejection.reason).inc()
-        if rejection.code != C.SERVICE_UNAVAILABLE:
+        if rejection.code not in (C.SERVICE_UNAVAILABLE, C.TOO_MANY_REQUESTS):  # volume, not bad input
             self._keep_dead_letter(uplink, rejection)
         log.debug("rejected uplink from %s device=%s: %s %s", uplink.remote, uplink.device_id,
                   rejection.reason, rejection.detail)
         reply(Verdict(rejection.code, diagnostic_payload(rejection.detail),
-                      C.CONTENT_FORMAT_TEXT, rejection.max_age_s))
+                      C.CONTENT_FORMAT_TEXT, rejection.max_age_s, rejection.authenticated))
 
     def _keep_dead_letter(self, uplink: Uplink, rejection: UplinkRejected) -> None:
         payload = json.dumps({

@@ -19,10 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.model import Record
+from gateway.replay import SeqState
 
 log = logging.getLogger(__name__)
 
 OnDurable = Callable[[bool], None]
+# What the pipeline appends: the record, who waits for it, and the device's seq state
+# after this record (saved in the same transaction, so replay protection survives a crash).
+_Append = tuple[Record, OnDurable | None, tuple[str, SeqState] | None]
 # Bytes counted per row beyond topic and payload: rowid, b-tree cell, WAL frame share.
 ROW_OVERHEAD_BYTES = 32
 # Committed records are also kept in memory for the publisher, up to this much; past it
@@ -35,8 +39,23 @@ CREATE TABLE IF NOT EXISTS records (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     retain INTEGER NOT NULL DEFAULT 0
-)
+);
+CREATE TABLE IF NOT EXISTS device_seqs (
+    device_id TEXT PRIMARY KEY,
+    hwm INTEGER NOT NULL,
+    bitmap INTEGER NOT NULL,  -- 64 bits, stored signed
+    last_ts REAL
+) WITHOUT ROWID;
 """
+_UPSERT_SEQ = (
+    "INSERT INTO device_seqs (device_id, hwm, bitmap, last_ts) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(device_id) DO UPDATE SET hwm=excluded.hwm, bitmap=excluded.bitmap, "
+    "last_ts=excluded.last_ts"
+)
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -63,7 +82,7 @@ class Spool:
         self.path = path
         self.max_bytes = max_bytes
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Record, OnDurable | None] | list[int] | None]
+        self._queue: queue.SimpleQueue[_Append | list[int] | None]
         self._queue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
@@ -83,6 +102,7 @@ class Spool:
         self._deleted.set()
         self.commits = 0  # batches committed, for metrics
         self.on_commit: Callable[[int, float], None] | None = None  # (records, seconds)
+        self.seq_states: dict[str, SeqState] = {}  # as saved, read once at open
 
     # -- lifecycle ---------------------------------------------------------------
     async def __aenter__(self) -> Spool:
@@ -97,10 +117,14 @@ class Spool:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = _connect(self.path)
-            db.execute(_SCHEMA)
+            db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
             if "retain" not in columns:  # a spool written before retained records existed
                 db.execute("ALTER TABLE records ADD COLUMN retain INTEGER NOT NULL DEFAULT 0")
+            self.seq_states = {
+                device_id: (hwm, bitmap & 0xFFFF_FFFF_FFFF_FFFF, last_ts)
+                for device_id, hwm, bitmap, last_ts in db.execute("SELECT * FROM device_seqs")
+            }
             count, size, last_id = db.execute(
                 "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0), "
                 "coalesce(max(id), 0) FROM records"
@@ -142,12 +166,14 @@ class Spool:
     def has_room(self, nbytes: int) -> bool:
         return self._bytes + nbytes <= self.max_bytes
 
-    def append(self, record: Record, on_durable: OnDurable | None) -> None:
-        """Queue a record; `on_durable(True)` runs on the loop once it is committed."""
+    def append(self, record: Record, on_durable: OnDurable | None,
+               seq_state: tuple[str, SeqState] | None = None) -> None:
+        """Queue a record; `on_durable(True)` runs on the loop once it is committed.
+        `seq_state` (device id, state) is saved in the same transaction."""
         self._bytes += record_size(record)
         self._uncommitted += 1
         self._drained.clear()
-        self._queue.put((record, on_durable))
+        self._queue.put((record, on_durable, seq_state))
 
     async def wait_committed(self) -> None:
         """Return once everything appended so far is durable (or failed)."""
@@ -214,7 +240,7 @@ class Spool:
         deleted, and counted off, twice (a slow fsync makes that window wide)."""
         await self._deleted.wait()
 
-    def _remember(self, batch: list[tuple[Record, OnDurable | None]], first_id: int) -> None:
+    def _remember(self, batch: list[_Append], first_id: int) -> None:
         """Keep committed records in memory for the publisher, within MEMORY_BYTES."""
         if self._mem_bytes > MEMORY_BYTES or first_id != self._mem_from_id + len(self._mem):
             # Over the budget, or not contiguous: the file serves everything up to here.
@@ -222,7 +248,7 @@ class Spool:
             self._mem_bytes = 0
             self._mem_from_id = first_id + len(batch)
             return
-        for offset, (record, _) in enumerate(batch):
+        for offset, (record, _, _) in enumerate(batch):
             self._mem.append(Record(record.topic, record.payload, record.retain, first_id + offset))
             self._mem_bytes += record_size(record)
 
@@ -231,7 +257,7 @@ class Spool:
         stopping = False
         while not stopping:
             item = self._queue.get()
-            batch: list[tuple[Record, OnDurable | None]] = []
+            batch: list[_Append] = []
             deletions: list[int] = []
             while True:
                 if item is None:
@@ -253,7 +279,7 @@ class Spool:
     def _commit(
         self,
         db: sqlite3.Connection,
-        batch: list[tuple[Record, OnDurable | None]],
+        batch: list[_Append],
         deletions: list[int],
     ) -> None:
         started = time.perf_counter()
@@ -265,10 +291,14 @@ class Spool:
                 db.executemany("DELETE FROM records WHERE id = ?", ((i,) for i in deletions))
             db.executemany(
                 "INSERT INTO records (topic, payload, retain) VALUES (?, ?, ?)",
-                ((r.topic, r.payload, r.retain) for r, _ in batch),
+                ((r.topic, r.payload, r.retain) for r, _, _ in batch),
             )
             # One writer and AUTOINCREMENT: the batch got consecutive ids ending here.
             (last_id,) = db.execute("SELECT last_insert_rowid()").fetchone()
+            seqs = dict(seq_state for _, _, seq_state in batch if seq_state is not None)
+            if seqs:
+                db.executemany(_UPSERT_SEQ, ((d, hwm, _signed64(bitmap), ts)
+                                             for d, (hwm, bitmap, ts) in seqs.items()))
             db.execute("COMMIT")
         except sqlite3.Error as e:
             ok = False
@@ -283,7 +313,7 @@ class Spool:
                                             len(deletions))
 
     def _committed(
-        self, batch: list[tuple[Record, OnDurable | None]], ok: bool, elapsed: float,
+        self, batch: list[_Append], ok: bool, elapsed: float,
         first_id: int, deleted: int,
     ) -> None:
         self._uncommitted -= len(batch)
@@ -297,10 +327,10 @@ class Spool:
                 self._remember(batch, first_id)
                 self._appended.set()
         else:
-            self._bytes -= sum(record_size(r) for r, _ in batch)
+            self._bytes -= sum(record_size(r) for r, _, _ in batch)
         if self.on_commit is not None and batch:
             self.on_commit(len(batch), elapsed)
-        for _, on_durable in batch:
+        for _, on_durable, _ in batch:
             if on_durable is not None:
                 on_durable(ok)
         if not self._uncommitted:

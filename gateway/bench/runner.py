@@ -161,6 +161,7 @@ class Bench:
             "NBIOT_SPOOL__PATH": str(self.workdir / name / "spool.sqlite"),
             "NBIOT_METRICS__PORT": str(metrics_port),
             "NBIOT_REGISTRY__PATH": str(self.registry),
+            "NBIOT_LIMITS__PER_DEVICE_RATE": "0",  # the load sends far faster than a sensor
         }
 
     def _gateway_args(self) -> list[str]:

@@ -112,7 +112,13 @@ class CoapServer(asyncio.DatagramProtocol):
                 self._send(cached, addr)
             return
         self._remember(key, _PENDING)
-        self._request(msg, addr, key)
+        try:
+            self._request(msg, addr, key)
+        except Exception:  # a bug must cost one 5.00, not the device's retransmissions
+            log.exception("internal error handling a request from %s", _fmt(addr))
+            self._metrics.uplinks_rejected.labels("internal_error").inc()
+            self._respond(msg, addr, key, Verdict(C.INTERNAL_SERVER_ERROR, b"internal error",
+                                                  C.CONTENT_FORMAT_TEXT), None)
 
     def _request(self, msg: wire.Message, addr: Address, key: tuple[Address, int]) -> None:
         received_at, received_mono = time.time(), time.monotonic()
@@ -267,9 +273,26 @@ class CoapServer(asyncio.DatagramProtocol):
             mtype, mid = C.NON, self._next_mid
         data = wire.encode(wire.Message(mtype, verdict.code, mid, request.token, options,
                                         verdict.payload))
+        if verdict.code >= C.BAD_REQUEST and not verdict.authenticated:
+            data = self._no_amplification(request, data, mtype, verdict.code, mid, options,
+                                          verdict.payload)
         if key in self._replies:
             self._replies[key] = data
         self._send(data, addr)
+
+    @staticmethod
+    def _no_amplification(request: wire.Message, data: bytes, mtype: int, code: int, mid: int,
+                          options: list[tuple[int, bytes]], payload: bytes) -> bytes:
+        """RFC 7252 11.3: an error reply is never larger than the request it answers, so
+        a spoofed source cannot turn the gateway into an amplifier. Shorten the
+        diagnostic first, then drop the options."""
+        excess = len(data) - len(wire.encode(request))
+        if excess <= 0:
+            return data
+        if excess < len(payload):
+            payload = payload[:len(payload) - excess].decode("utf-8", "ignore").encode()
+            return wire.encode(wire.Message(mtype, code, mid, request.token, options, payload))
+        return wire.encode(wire.Message(mtype, code, mid, request.token))
 
     def _send(self, data: bytes, addr: Address) -> None:
         if self._transport is not None and not self._transport.is_closing():

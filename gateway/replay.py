@@ -1,0 +1,76 @@
+"""Which (device, seq) were accepted: a high-water mark and a 64-seq window per device.
+
+A seq above the mark, or inside the window and not seen, is new; one seen in the window
+is a duplicate (answered 2.04, never forwarded twice); one below the window is stale
+unless the device's clock (`ts`) moved forward, which is how a device that rebooted and
+restarted its counter is told from a replay. The state is saved in the spool's commit,
+so it holds across restarts. Pure in-memory logic: no I/O here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+WINDOW = 64
+_MASK = (1 << WINDOW) - 1
+
+
+class Seen(enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    RESET = "reset"  # below the window, but a newer device time: the counter restarted
+
+
+# What is saved per device: (high-water mark, bitmap of hwm..hwm-63, last device time).
+SeqState = tuple[int, int, float | None]
+
+
+@dataclass(slots=True)
+class _DeviceSeqs:
+    hwm: int
+    bitmap: int  # bit i set: seq hwm - i was accepted
+    last_ts: float | None
+
+
+class ReplayWindow:
+    def __init__(self, saved: dict[str, SeqState] | None = None) -> None:
+        self._state = {device_id: _DeviceSeqs(*state) for device_id, state in (saved or {}).items()}
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def check(self, device_id: str, seq: int, ts: float | None) -> Seen:
+        s = self._state.get(device_id)
+        if s is None or seq > s.hwm:
+            return Seen.NEW
+        if s.hwm - seq < WINDOW:
+            return Seen.DUPLICATE if s.bitmap >> (s.hwm - seq) & 1 else Seen.NEW
+        if ts is not None and s.last_ts is not None and ts > s.last_ts:
+            return Seen.RESET
+        return Seen.STALE
+
+    def accept(self, device_id: str, seq: int, ts: float | None, seen: Seen) -> SeqState:
+        """Record seq as accepted; returns the device's new state (to be saved)."""
+        s = self._state.get(device_id)
+        if s is None or seen is Seen.RESET:
+            s = self._state[device_id] = _DeviceSeqs(seq, 1, ts)
+        elif seq > s.hwm:
+            s.bitmap = ((s.bitmap << (seq - s.hwm)) | 1) & _MASK
+            s.hwm = seq
+        else:
+            s.bitmap |= 1 << (s.hwm - seq)
+        if ts is not None and (s.last_ts is None or ts > s.last_ts):
+            s.last_ts = ts
+        return s.hwm, s.bitmap, s.last_ts
+
+    def hwm(self, device_id: str) -> int | None:
+        s = self._state.get(device_id)
+        return None if s is None else s.hwm
+
+    def forget(self, device_id: str, seq: int) -> None:
+        """Undo `accept` of a seq whose record could not be stored (a failed commit)."""
+        s = self._state.get(device_id)
+        if s is not None and 0 <= s.hwm - seq < WINDOW:
+            s.bitmap &= ~(1 << (s.hwm - seq))

@@ -1,0 +1,98 @@
+"""Replay protection: the per-device high-water mark and 64-seq window, in memory (unit)
+and across a gateway restart (end to end)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import aiocoap
+
+from gateway.replay import ReplayWindow, Seen
+from tests.coap_raw import RawCoap, uplink_request
+from tests.conftest import DEVICES, Gateway, Subscription
+from tests.test_dedup import send_barrier, seqs_published_through
+
+TH = DEVICES[0]
+
+
+def test_seqs_above_or_inside_the_window_are_new_once_and_duplicates_after() -> None:
+    window = ReplayWindow()
+    for seq in (10, 12, 11, 74):
+        assert window.check("d", seq, None) is Seen.NEW
+        window.accept("d", seq, None, Seen.NEW)
+
+    assert [window.check("d", s, None) for s in (10, 11, 12, 74)] == [Seen.STALE,
+                                                                      Seen.DUPLICATE,
+                                                                      Seen.DUPLICATE,
+                                                                      Seen.DUPLICATE]
+    assert window.check("d", 13, None) is Seen.NEW  # inside the window, never seen
+    assert window.check("other", 10, None) is Seen.NEW
+
+
+def test_a_counter_restart_is_accepted_only_with_a_newer_device_time() -> None:
+    window = ReplayWindow()
+    window.accept("d", 500, 1_000.0, Seen.NEW)
+
+    assert window.check("d", 1, None) is Seen.STALE
+    assert window.check("d", 1, 999.0) is Seen.STALE
+    assert window.check("d", 1, 1_001.0) is Seen.RESET
+    window.accept("d", 1, 1_001.0, Seen.RESET)
+    assert window.check("d", 1, 1_001.0) is Seen.DUPLICATE
+    assert window.check("d", 2, None) is Seen.NEW
+
+
+def test_forget_undoes_an_accept_whose_commit_failed() -> None:
+    window = ReplayWindow()
+    window.accept("d", 7, None, Seen.NEW)
+    window.forget("d", 7)
+
+    assert window.check("d", 7, None) is Seen.NEW
+
+
+def test_state_round_trips_through_its_saved_form() -> None:
+    window = ReplayWindow()
+    for seq in (1, 3, 64, 65):
+        state = window.accept("d", seq, 5.0, Seen.NEW)
+
+    restored = ReplayWindow({"d": state})
+
+    assert [restored.check("d", s, None) for s in (1, 2, 3, 65, 66)] == [
+        Seen.STALE, Seen.NEW, Seen.DUPLICATE, Seen.DUPLICATE, Seen.NEW]
+
+
+def test_accepted_seq_is_not_forwarded_again_after_a_restart(
+    gateway: Gateway, subscribe: Callable[[str], Subscription]
+) -> None:
+    sub = subscribe("nbiot/#")
+    body = {"seq": 40, "ts": 1_763_900_000, "temperature": 20.0}
+    with RawCoap(gateway.coap_port) as device:
+        assert device.exchange(uplink_request(gateway.uri(TH), body)).code == aiocoap.CHANGED
+    assert gateway.stop() == 0
+
+    gateway.start()
+    with RawCoap(gateway.coap_port) as replayed:
+        again = replayed.exchange(uplink_request(gateway.uri(TH), body))
+    send_barrier(gateway, seq=41)
+
+    assert again.code == aiocoap.CHANGED
+    assert seqs_published_through(sub, barrier_seq=41) == [40, 41]
+    assert gateway.metric("nbiot_gateway_uplinks_duplicate_total") == 1
+
+
+def test_stale_seq_is_refused_and_a_restarted_counter_with_newer_time_is_accepted(
+    gateway: Gateway, subscribe: Callable[[str], Subscription]
+) -> None:
+    sub = subscribe("nbiot/#")
+    with RawCoap(gateway.coap_port) as device:
+        first = device.exchange(uplink_request(
+            gateway.uri(TH), {"seq": 1000, "ts": 1_763_900_000, "temperature": 20.0}))
+        replay = device.exchange(uplink_request(
+            gateway.uri(TH), {"seq": 3, "ts": 1_763_800_000, "temperature": 20.0}))
+        rebooted = device.exchange(uplink_request(
+            gateway.uri(TH), {"seq": 1, "ts": 1_763_900_060, "temperature": 21.0}))
+
+    assert (first.code, rebooted.code) == (aiocoap.CHANGED, aiocoap.CHANGED)
+    assert replay.code == aiocoap.BAD_REQUEST
+    assert replay.payload.startswith(b"seq 3 is far below 1000")
+    assert gateway.metric("nbiot_gateway_uplinks_rejected_total", {"reason": "stale_seq"}) == 1
+    assert [m["seq"] for m in sub.wait_count(2)] == [1000, 1]
