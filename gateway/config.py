@@ -26,7 +26,7 @@ Port = Annotated[int, Field(ge=1, lt=65536)]
 PortOrAny = Annotated[int, Field(ge=0, lt=65536)]
 TopicPart = Annotated[str, Field(min_length=1, pattern=r"^[^/#+\s]+$")]
 FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-RESERVED_FIELDS = frozenset({"seq", "ts"})
+RESERVED_FIELDS = frozenset({"seq", "ts", "ack"})
 
 
 class Section(BaseModel):
@@ -147,7 +147,7 @@ class DeviceType(Section):
             if not FIELD_NAME.match(name):
                 raise ValueError(f"field name {name!r} must match {FIELD_NAME.pattern}")
             if name in RESERVED_FIELDS:
-                raise ValueError(f"field name {name!r} is reserved (seq and ts are envelope keys)")
+                raise ValueError(f"field name {name!r} is reserved (seq, ts and ack are envelope keys)")
         return self
 
 

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 
 from gateway.coap import numbers as C
-from gateway.codecs import DECODERS, DEFAULT_CONTENT_FORMAT, DecodeError
+from gateway.codecs import DECODERS, DEFAULT_CONTENT_FORMAT, JSON, DecodeError
 from gateway.config import Settings
+from gateway.downlink import Downlink
 from gateway.errors import UplinkRejected
 from gateway.liveness import Liveness
 from gateway.metrics import Metrics
@@ -85,12 +86,14 @@ class Pipeline:
         spool: Spool,
         metrics: Metrics,
         liveness: Liveness,
+        downlink: Downlink,
     ) -> None:
         self._settings = settings
         self._spool = spool
         self._metrics = metrics
         self._registry = registry
         self._liveness = liveness
+        self._downlink = downlink
         self._schemas: dict[str, TypeSchema] = build_schemas(settings.types)
         self._seqs = ReplayWindow(spool.seq_states)
         # (device, seq) being committed now -> replies waiting for that commit
@@ -176,7 +179,7 @@ class Pipeline:
             seen = self._seqs.check(device.device_id, seq, report.device_time)
             if seen is Seen.DUPLICATE:
                 self._metrics.uplinks_duplicate.inc()
-                reply(ACCEPTED)
+                reply(self._accepted(device, uplink))
                 return
             if seen is Seen.STALE:
                 raise UplinkRejected(
@@ -214,7 +217,9 @@ class Pipeline:
             if ok:
                 self._metrics.uplinks_accepted.inc()
                 self._metrics.uplink_ack_seconds.observe(time.monotonic() - uplink.received_mono)
-                verdict = ACCEPTED
+                if report.ack is not None:
+                    self._downlink.confirm(device.device_id, device.device_type, report.ack)
+                verdict = self._accepted(device, uplink)
             else:
                 self._metrics.uplinks_rejected.labels("spool_error").inc()
                 verdict = Verdict(C.SERVICE_UNAVAILABLE, b"spool write failed",
@@ -224,6 +229,14 @@ class Pipeline:
                 waiter(verdict)
 
         self._spool.append(record, on_durable, seq_state)
+
+    def _accepted(self, device: Device, uplink: Uplink) -> Verdict:
+        """2.04, carrying the device's next downlink command if one waits."""
+        command = self._downlink.next_for(device.device_id, device.device_type,
+                                          uplink.received_at)
+        if command is None:
+            return ACCEPTED
+        return Verdict(C.CHANGED, command, JSON, authenticated=True)
 
     def _message(self, uplink: Uplink, device_type: str, report: Report) -> bytes:
         units = self._schemas[device_type].units

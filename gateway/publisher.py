@@ -14,7 +14,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from gateway.config import MqttSection
 from gateway.metrics import Metrics
@@ -48,10 +48,19 @@ class Backoff:
         self._attempt = 0
 
 
-class Publisher:
-    """`await Publisher(...).run(stop)`: returns once `stop` is set and the spool is empty."""
+# (device_type, device_id, payload) of a message on {prefix}/{tenant}/{type}/{id}/down
+CommandHandler = Callable[[str, str, bytes], Awaitable[None]]
 
-    def __init__(self, mqtt: MqttSection, gateway_id: str, spool: Spool, metrics: Metrics) -> None:
+
+class Publisher:
+    """`await Publisher(...).run(stop)`: returns once `stop` is set and the spool is empty.
+    With `on_command`, it also subscribes to the devices' `down` topics and hands each
+    command over, in order."""
+
+    def __init__(self, mqtt: MqttSection, gateway_id: str, spool: Spool, metrics: Metrics,
+                 tenant: str = "", on_command: CommandHandler | None = None) -> None:
+        self._command_filter = f"{mqtt.topic_prefix}/{tenant}/+/+/down"
+        self._on_command = on_command
         self._mqtt = mqtt
         self._spool = spool
         self._metrics = metrics
@@ -112,6 +121,11 @@ class Publisher:
         self._backoff.reset()
         log.info("connected to broker %s:%d as %s; %d records to publish",
                  self._mqtt.host, self._mqtt.port, self._client_id, self._spool.records)
+        commands: asyncio.Task[None] | None = None
+        if self._on_command is not None:
+            await client.subscribe(self._command_filter, qos=1)
+            commands = asyncio.create_task(self._receive_commands(client, self._on_command),
+                                           name="mqtt-commands")
         try:
             await self._publish_spool(client, stop)
             await client.publish_and_wait(self._status_topic, b"offline", qos=1, retain=True)
@@ -126,6 +140,9 @@ class Publisher:
                 await asyncio.wait_for(client.disconnect(), STATUS_TIMEOUT_S)
             raise
         finally:
+            if commands is not None:
+                commands.cancel()
+                await asyncio.gather(commands, return_exceptions=True)
             self._flush_acked()
             self._set_connected(False)
 
@@ -160,6 +177,28 @@ class Publisher:
                 client.publish(record.topic, record.payload, qos=1, retain=record.retain,
                                on_ack=functools.partial(self._on_ack, record, sent_at))
             cursor = records[-1].spool_id
+
+    async def _receive_commands(self, client: MqttClient, handle: CommandHandler) -> None:
+        while True:
+            getter = asyncio.ensure_future(client.messages.get())
+            try:
+                await _first_of(getter, client.closed)
+            finally:
+                getter.cancel()  # no-op once it has its message
+            if getter.cancelled():
+                return  # the connection closed
+            message = getter.result()
+            parts = message.topic.split("/")
+            # prefix/tenant/type/id/down; a retained command would come back at every
+            # reconnect and be queued again after it was confirmed: ignored, and said so.
+            if len(parts) != 5 or message.retain:
+                log.warning("ignored %s command on %s", "a retained" if message.retain else
+                            "an unexpected", message.topic)
+                continue
+            try:
+                await handle(parts[2], parts[3], message.payload)
+            except Exception:  # task boundary: one bad command must not stop the rest
+                log.exception("downlink command on %s failed", message.topic)
 
     def _on_ack(self, record: Record, sent_at: float) -> None:
         self._metrics.mqtt_published.inc()

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from gateway.codecs import Decoded
-from gateway.config import DeviceType
+from gateway.config import RESERVED_FIELDS, DeviceType
 
 # pydantic error type -> the reason label of nbiot_gateway_uplinks_rejected_total
 _REASONS = {
@@ -40,6 +40,7 @@ class Report:
     seq: int | None
     device_time: float | None
     values: dict[str, float]
+    ack: str | None = None  # the id of a downlink command the device confirms
 
 
 class TypeSchema:
@@ -51,6 +52,7 @@ class TypeSchema:
         definitions: dict[str, Any] = {
             "seq": (int | None, Field(None, ge=0, le=2**63 - 1)),
             "ts": (float | None, Field(None, ge=0, le=MAX_DEVICE_TIME_S, allow_inf_nan=False)),
+            "ack": (str | None, Field(None, min_length=1, max_length=64)),
         }
         for fname, fs in spec.fields.items():
             constraint = Field(
@@ -78,8 +80,8 @@ class TypeSchema:
             reason = _REASONS.get(first["type"], "wrong_type")
             raise SchemaViolation(reason, f"{loc}: {first['msg']}"[:96]) from None
         data = model.__dict__
-        values = {k: v for k, v in data.items() if v is not None and k not in ("seq", "ts")}
-        return Report(seq=data["seq"], device_time=data["ts"], values=values)
+        values = {k: v for k, v in data.items() if v is not None and k not in RESERVED_FIELDS}
+        return Report(seq=data["seq"], device_time=data["ts"], values=values, ack=data["ack"])
 
 
 def build_schemas(types: Mapping[str, DeviceType]) -> dict[str, TypeSchema]:

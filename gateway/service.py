@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gateway.coap.server import CoapServer, bind_udp
 from gateway.config import Settings, load_config
+from gateway.downlink import Downlink, DownlinkStore
 from gateway.errors import ConfigError
 from gateway.liveness import Liveness, LivenessStore
 from gateway.metrics import NS, Metrics, MetricsServer
@@ -46,6 +47,7 @@ class Service:
         self._notifier = Notifier(self._status_line)
         self._uplink_rate = UplinkRate()
         self._liveness: Liveness | None = None
+        self._downlink: Downlink | None = None
         self._background: list[asyncio.Task[None]] = []
 
     async def run(self) -> int:
@@ -75,7 +77,10 @@ class Service:
         self._liveness = Liveness(registry, spool, m, topic_base, s.liveness.offline_after_intervals,
                                   LivenessStore(s.liveness.path))
         await self._liveness.load()
-        self._pipeline = Pipeline(s, registry, spool, m, self._liveness)
+        self._downlink = Downlink(registry, DownlinkStore(s.spool.path.parent / "downlink.sqlite"),
+                                  spool, topic_base)
+        await self._downlink.load()
+        self._pipeline = Pipeline(s, registry, spool, m, self._liveness, self._downlink)
         self._coap = CoapServer(self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
                                 dedup_max_entries=s.coap.dedup_max_entries)
         loop = asyncio.get_running_loop()
@@ -92,11 +97,13 @@ class Service:
             self._metrics_server = MetricsServer(m, self._ready)
             port = await self._metrics_server.start(s.metrics.bind, s.metrics.port)
             metrics_where = f"http://{s.metrics.bind}:{port}/metrics"
-        self._publisher = Publisher(s.mqtt, s.gateway.id, spool, m)
+        self._publisher = Publisher(s.mqtt, s.gateway.id, spool, m, s.gateway.tenant,
+                                    on_command=self._downlink.receive)
         self._publisher_task = asyncio.create_task(
             self._publisher.run(self._publisher_stop), name="publisher")
         self._background = [
-            asyncio.create_task(self._liveness_loop(s.liveness.check_interval_s), name="liveness"),
+            asyncio.create_task(self._housekeeping(s.liveness.check_interval_s),
+                                name="housekeeping"),
             asyncio.create_task(self._loop_lag_monitor(), name="loop-lag"),
         ]
         for sig, handler in ((signal.SIGTERM, self.stop.set), (signal.SIGINT, self.stop.set),
@@ -110,16 +117,19 @@ class Service:
         self._notifier.send("READY=1\n" + self._status_line())
         self._notifier.start()
 
-    async def _liveness_loop(self, interval_s: float) -> None:
-        """Sweep for silent devices and save the last-seen table, every interval."""
-        assert self._liveness is not None
+    async def _housekeeping(self, interval_s: float) -> None:
+        """Every interval: mark silent devices offline, expire downlink commands, save both."""
+        assert self._liveness is not None and self._downlink is not None
         while True:
             await asyncio.sleep(interval_s)
             try:
-                self._liveness.sweep(time.time())
+                now = time.time()
+                self._liveness.sweep(now)
+                self._downlink.sweep(now)
                 await self._liveness.save()
+                await self._downlink.save()
             except Exception:  # task boundary: keep sweeping, say why it failed
-                log.exception("liveness sweep failed")
+                log.exception("housekeeping (liveness, downlink expiry) failed")
 
     async def _loop_lag_monitor(self, period_s: float = 0.5) -> None:
         loop = asyncio.get_running_loop()
@@ -185,6 +195,8 @@ class Service:
             self._pipeline.replace_registry(registry, settings)
             if self._liveness is not None:
                 self._liveness.replace_registry(registry)
+            if self._downlink is not None:
+                self._downlink.replace_registry(registry)
             log.info("reloaded registry %s: %d devices", settings.registry.path, len(registry))
         self._notifier.send("READY=1")
 
@@ -206,6 +218,8 @@ class Service:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._liveness is not None:
             await self._liveness.save()
+        if self._downlink is not None:
+            await self._downlink.save()
         self._publisher_stop.set()
         if self._publisher_task is not None:
             try:
