@@ -107,8 +107,17 @@ def cmd_check_config(path: Path) -> int:
     from gateway.registry import Registry
 
     assert isinstance(settings, Settings) and isinstance(registry, Registry)
+    ingest = []
+    if settings.coap.enabled:
+        ingest.append(f"coap {settings.coap.bind} port {settings.coap.port}"
+                      + ("" if settings.coap.require_token else " (no token required)"))
+    if settings.coaps.enabled:
+        # A device without a psk is no error: it simply cannot use coaps.
+        with_psk = sum(1 for device in registry if device.psk is not None)
+        ingest.append(f"coaps {settings.coaps.bind} port {settings.coaps.port} "
+                      f"({with_psk} of {len(registry)} devices have a psk, only they can use it)")
     print(f"{path}: OK: {len(registry)} devices, {len(settings.types)} device types, "
-          f"coap {settings.coap.bind} port {settings.coap.port}, "
+          f"{', '.join(ingest)}, "
           f"broker {settings.mqtt.host}:{settings.mqtt.port}, spool {settings.spool.path}")
     return 0
 

@@ -1,0 +1,145 @@
+"""The end of a run in numbers: a Summary built from the Ledger, as a table for people and
+as JSON for machines. Formatting only; it computes nothing the ledger did not count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gateway.sim.ledger import Ledger
+from gateway.sim.payloads import EXPECTED_CODE, Fault
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99/max by nearest rank, in the values' unit, rounded to 0.1."""
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def rank(p: float) -> float:
+        return round(ordered[max(0, math.ceil(p / 100 * n) - 1)], 1)
+
+    return {"p50": rank(50), "p95": rank(95), "p99": rank(99), "max": round(ordered[-1], 1)}
+
+
+@dataclass
+class Summary:
+    devices: int
+    profile: str
+    seed: int
+    duration_s: float
+    interval_s: float | None  # None: each device's own report_interval_s
+    faulty_devices: int
+    sent: int
+    transmissions: int
+    retransmissions: int
+    acked: int
+    rejected_by_code: dict[str, int]
+    service_unavailable: int
+    rate_limited: int
+    timeouts: int
+    resets: int
+    abandoned: int
+    nat_rebinds: int
+    stale_replies: int
+    delivered: int
+    duplicates_delivered: int
+    delivered_unacked: int
+    delivered_rejected: int
+    foreign_delivered: int
+    lost: int
+    ack_latency_ms: dict[str, float | None]
+    delivery_latency_ms: dict[str, float | None]
+    faults_injected: dict[str, int]
+    fault_answers: dict[str, dict[str, int]]
+    expected_rejected_by_code: dict[str, int]
+    dead_letters_by_reason: dict[str, int]
+    awake_peak: int
+    max_awake: int
+    elapsed_s: float
+    sent_per_s: float
+    sim_cpu_s: float
+    sim_peak_rss_mb: float
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_ledger(cls, ledger: Ledger, **run: Any) -> Summary:
+        expected: dict[str, int] = {}
+        for kind, answers in ledger.fault_answers.items():
+            code = EXPECTED_CODE[Fault(kind)]
+            expected[code] = expected.get(code, 0) + sum(answers.values())
+        return cls(
+            sent=ledger.sent,
+            transmissions=ledger.transmissions,
+            retransmissions=ledger.retransmissions,
+            acked=ledger.acked,
+            rejected_by_code=dict(sorted(ledger.rejected_by_code.items())),
+            service_unavailable=ledger.service_unavailable,
+            rate_limited=ledger.rate_limited,
+            timeouts=ledger.timeouts,
+            resets=ledger.resets,
+            abandoned=ledger.abandoned,
+            nat_rebinds=ledger.nat_rebinds,
+            stale_replies=ledger.stale_replies,
+            delivered=ledger.delivered,
+            duplicates_delivered=ledger.duplicates_delivered,
+            delivered_unacked=ledger.delivered_unacked,
+            delivered_rejected=ledger.delivered_rejected,
+            foreign_delivered=ledger.foreign_delivered,
+            lost=ledger.lost,
+            ack_latency_ms=percentiles(ledger.ack_latency_ms),
+            delivery_latency_ms=percentiles(ledger.delivery_latency_ms),
+            faults_injected={str(k): v for k, v in sorted(ledger.faults_injected.items())},
+            fault_answers={str(k): dict(v) for k, v in sorted(ledger.fault_answers.items())},
+            expected_rejected_by_code=dict(sorted(expected.items())),
+            dead_letters_by_reason=dict(sorted(ledger.dead_letters_by_reason.items())),
+            **run,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def table(self) -> str:
+        """The summary for a terminal: one `name  value` row per figure."""
+        def lat(d: dict[str, float | None]) -> str:
+            if d["p50"] is None:
+                return "-"
+            return f"p50 {d['p50']:.0f}  p95 {d['p95']:.0f}  p99 {d['p99']:.0f}  max {d['max']:.0f}"
+
+        def counts(d: dict[str, int]) -> str:
+            return "  ".join(f"{k}: {v}" for k, v in d.items()) or "-"
+
+        interval = "registry" if self.interval_s is None else f"{self.interval_s:g} s"
+        rows = [
+            ("devices", f"{self.devices} ({self.faulty_devices} faulty), profile {self.profile}, "
+                        f"seed {self.seed}"),
+            ("window", f"{self.duration_s:g} s, interval {interval}, run took {self.elapsed_s:.1f} s"),
+            ("sent", f"{self.sent} reports ({self.sent_per_s:.0f}/s), {self.transmissions} datagrams"),
+            ("retransmissions", f"{self.retransmissions}  (NAT rebinds {self.nat_rebinds})"),
+            ("acked (2.04)", str(self.acked)),
+            ("rejected", counts(self.rejected_by_code)),
+            ("  expected", counts(self.expected_rejected_by_code) + "  (from injected faults)"),
+            ("retried later", f"{self.service_unavailable} after 5.03, {self.rate_limited} after 4.29 "
+                              f"(each waited Max-Age)"),
+            ("no answer", f"{self.timeouts} timed out, {self.abandoned} unfinished at the end, "
+                          f"{self.resets} reset"),
+            ("delivered (MQTT)", f"{self.delivered}  ({self.delivered_unacked} of them never acked)"),
+            ("duplicates", str(self.duplicates_delivered)),
+            ("LOST", f"{self.lost}  (acked, never seen on MQTT)"),
+            ("ack latency ms", lat(self.ack_latency_ms)),
+            ("delivery ms", lat(self.delivery_latency_ms)),
+            ("awake peak", f"{self.awake_peak} devices (cap {self.max_awake})"),
+            ("simulator", f"{self.sim_cpu_s:.1f} s CPU, peak RSS {self.sim_peak_rss_mb:.0f} MB"),
+        ]
+        if self.delivered_rejected or self.foreign_delivered:
+            rows.append(("anomalies", f"delivered though rejected {self.delivered_rejected}, "
+                                      f"not sent in this run {self.foreign_delivered}"))
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{name:<{width}}  {value}" for name, value in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
