@@ -65,7 +65,8 @@ class Exchange:
     """Start with `start()`; `on_done(exchange)` is called exactly once."""
 
     __slots__ = ("_handle", "_request", "_sock", "_source_ip", "code", "coverage", "link",
-                 "max_age_s", "mid", "nat", "on_done", "outcome", "rebinds", "retransmissions",
+                 "max_age_s", "mid", "nat", "on_done", "outcome", "rebinds", "reply_payload",
+                 "retransmissions",
                  "stale_replies", "started_at", "timer", "token", "transmissions")
 
     def __init__(
@@ -92,6 +93,7 @@ class Exchange:
         self.timer: RetransmissionTimer | None = None
         self.outcome: Outcome | None = None
         self.code = 0
+        self.reply_payload = b""  # of the 2.xx: a downlink command, if the gateway had one
         self.max_age_s = 0.0
         self.started_at = 0.0
         self.transmissions = 0
@@ -221,6 +223,7 @@ class Exchange:
             self._send_now(wire.encode(wire.Message(C.ACK, C.EMPTY, msg.mid)))
         self.code = msg.code
         if msg.code >> 5 == 2:
+            self.reply_payload = msg.payload
             self.finish(Outcome.ACKED)
         elif msg.code == C.SERVICE_UNAVAILABLE or msg.code == C.TOO_MANY_REQUESTS:
             max_age = msg.option(C.MAX_AGE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import random
 import time
 from collections import deque
@@ -41,6 +42,7 @@ class Report:
     content_format: int
     payload: bytes
     fault: Fault | None
+    ack: str | None = None  # the downlink command this report confirms
     announced: bool = False  # the ledger has it (from its first transmission on)
 
 
@@ -61,6 +63,7 @@ class SimDevice:
     next_at: float = 0.0
     report: Report | None = None
     handle: asyncio.TimerHandle | None = None
+    unconfirmed_command: str | None = None  # applied, to be confirmed in the next report
 
 
 def source_address(target_host: str, index: int, mode: str) -> str:
@@ -216,13 +219,14 @@ class Fleet:
             fault = None
         if fault is Fault.OUT_OF_RANGE:
             values = payloads.out_of_range(values, self.types[device.device_type])
+        ack = device.unconfirmed_command
         payload = payloads.encode(device.content_format, device.device_id, seq, int(now_s), values,
-                                  device.units)
+                                  device.units, ack)
         if fault is Fault.MALFORMED:
             payload = payloads.malformed(payload)
         elif fault is Fault.OVERSIZED:
             payload = payloads.oversized(payload, self.max_payload_bytes)
-        return Report(seq, device.content_format, payload, fault)
+        return Report(seq, device.content_format, payload, fault, ack)
 
     def _begin(self, device: SimDevice) -> None:
         report = device.report
@@ -268,6 +272,10 @@ class Fleet:
             device.report = None
             if outcome is Outcome.ACKED:
                 ledger.report_acked(key, now, exchange.started_at)
+                if report.ack is not None and report.ack == device.unconfirmed_command:
+                    device.unconfirmed_command = None
+                if exchange.reply_payload:
+                    self._apply_command(device, exchange.reply_payload)
             elif outcome is Outcome.REJECTED or outcome is Outcome.UNAVAILABLE:
                 ledger.report_rejected(key, C.code_str(exchange.code), report.fault)
             elif outcome is Outcome.RESET:
@@ -281,6 +289,24 @@ class Fleet:
             self._begin(self.waiting.popleft())
         if self.stopping and not self.exchanges:
             self._idle.set()
+
+    def _apply_command(self, device: SimDevice, payload: bytes) -> None:
+        """A downlink command in the 2.04: apply what the device knows (its report
+        interval), and confirm it with `ack` in the next report."""
+        try:
+            command = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(command, dict) or not isinstance(command.get("id"), str):
+            return
+        if command["id"] == device.unconfirmed_command:
+            return  # the same command again: our confirmation is on its way
+        settings = command.get("set")
+        interval = settings.get("report_interval_s") if isinstance(settings, dict) else None
+        if isinstance(interval, int | float) and not isinstance(interval, bool) and interval > 0:
+            device.interval_s = float(interval)
+        device.unconfirmed_command = command["id"]
+        self.ledger.downlinks_applied += 1
 
     def _schedule_next(self, device: SimDevice, now: float) -> None:
         if self.stopping:

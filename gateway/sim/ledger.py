@@ -44,6 +44,7 @@ class Ledger:
     resets: int = 0
     nat_rebinds: int = 0
     stale_replies: int = 0  # replies whose token did not match (ignored, as RFC 7252 asks)
+    downlinks_applied: int = 0  # commands received in a 2.04 and applied (each id once)
     delivered: int = 0
     duplicates_delivered: int = 0
     delivered_unacked: int = 0  # delivered although the device never saw its 2.04

@@ -21,7 +21,7 @@ from gateway.config import DeviceType, FieldSpec
 
 CONTENT_FORMATS = {"json": JSON, "cbor": CBOR, "senml+json": SENML_JSON, "senml+cbor": SENML_CBOR}
 # RFC 8428 section 6: CBOR labels of SenML.
-_BN, _BT, _N, _U, _V = -2, -3, 0, 1, 2
+_BN, _BT, _N, _U, _V, _VS = -2, -3, 0, 1, 2, 3
 DAY_S = 86_400.0
 
 
@@ -149,21 +149,28 @@ def _clamp(value: float, spec: FieldSpec) -> float:
 
 # -- encoding -----------------------------------------------------------------------------
 def encode(content_format: int, device_id: str, seq: int, ts: int, values: Mapping[str, float],
-           units: Mapping[str, str]) -> bytes:
-    """A report in `content_format`: a flat map for JSON/CBOR, a SenML pack otherwise."""
+           units: Mapping[str, str], ack: str | None = None) -> bytes:
+    """A report in `content_format`: a flat map for JSON/CBOR, a SenML pack otherwise.
+    `ack` confirms a downlink command the device received and applied."""
+    envelope: dict[str, object] = {"seq": seq, "ts": ts} if ack is None else {
+        "seq": seq, "ts": ts, "ack": ack}
     if content_format == JSON:
-        return json.dumps({"seq": seq, "ts": ts, **values}, separators=(",", ":")).encode()
+        return json.dumps({**envelope, **values}, separators=(",", ":")).encode()
     if content_format == CBOR:
-        return bytes(cbor2.dumps({"seq": seq, "ts": ts, **values}))
+        return bytes(cbor2.dumps({**envelope, **values}))
     if content_format == SENML_JSON:
         pack: list[dict[str, object]] = [{"bn": f"urn:dev:{device_id}:", "bt": ts, "n": "seq", "v": seq}]
         pack += [{"n": n, "u": units[n], "v": v} if units.get(n) else {"n": n, "v": v}
                  for n, v in values.items()]
+        if ack is not None:
+            pack.append({"n": "ack", "vs": ack})
         return json.dumps(pack, separators=(",", ":")).encode()
     if content_format == SENML_CBOR:
         cpack: list[dict[int, object]] = [{_BN: f"urn:dev:{device_id}:", _BT: ts, _N: "seq", _V: seq}]
         cpack += [{_N: n, _U: units[n], _V: v} if units.get(n) else {_N: n, _V: v}
                   for n, v in values.items()]
+        if ack is not None:
+            cpack.append({_N: "ack", _VS: ack})
         return bytes(cbor2.dumps(cpack))
     raise ValueError(f"no encoder for content-format {content_format}")
 

@@ -47,6 +47,7 @@ class Summary:
     abandoned: int
     nat_rebinds: int
     stale_replies: int
+    downlinks_applied: int
     delivered: int
     duplicates_delivered: int
     delivered_unacked: int
@@ -86,6 +87,7 @@ class Summary:
             abandoned=ledger.abandoned,
             nat_rebinds=ledger.nat_rebinds,
             stale_replies=ledger.stale_replies,
+            downlinks_applied=ledger.downlinks_applied,
             delivered=ledger.delivered,
             duplicates_delivered=ledger.duplicates_delivered,
             delivered_unacked=ledger.delivered_unacked,
@@ -136,6 +138,9 @@ class Summary:
             ("awake peak", f"{self.awake_peak} devices (cap {self.max_awake})"),
             ("simulator", f"{self.sim_cpu_s:.1f} s CPU, peak RSS {self.sim_peak_rss_mb:.0f} MB"),
         ]
+        if self.downlinks_applied:
+            rows.append(("downlinks", f"{self.downlinks_applied} commands applied and confirmed "
+                                      "in the next report"))
         if self.delivered_rejected or self.foreign_delivered:
             rows.append(("anomalies", f"delivered though rejected {self.delivered_rejected}, "
                                       f"not sent in this run {self.foreign_delivered}"))
