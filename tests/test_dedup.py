@@ -114,3 +114,24 @@ def test_uplinks_without_seq_are_never_taken_for_duplicates(
 
     assert [m["seq"] for m in sub.wait_count(3)] == [None, None, 1]
     assert gateway.metric(DUPLICATES) == 0
+
+
+def test_same_message_id_with_another_token_is_a_new_request_not_a_retransmission(
+    gateway: Gateway, subscribe: Callable[[str], Subscription]
+) -> None:
+    # Behind a carrier NAT, another device may get the same public port and pick the same
+    # message ID within EXCHANGE_LIFETIME; its token tells it apart.
+    sub = subscribe("nbiot/#")
+    first = uplink_request(gateway.uri(TH), {"seq": 1, "temperature": 20.0}, mid=4242,
+                           token=b"\x01\x01")
+    second = uplink_request(gateway.uri(TH), {"seq": 2, "temperature": 21.0}, mid=4242,
+                            token=b"\x02\x02")
+
+    with RawCoap(gateway.coap_port) as endpoint:
+        first_reply = endpoint.exchange(first)
+        second_reply = endpoint.exchange(second)
+
+    assert (first_reply.code, second_reply.code) == (aiocoap.CHANGED, aiocoap.CHANGED)
+    assert second_reply.token == b"\x02\x02"
+    assert [m["seq"] for m in sub.wait_count(2)] == [1, 2]
+    assert gateway.metric("nbiot_gateway_coap_retransmissions_total") == 0

@@ -106,6 +106,10 @@ class CoapServer(asyncio.DatagramProtocol):
             return
         key = (addr[:2], msg.mid)
         cached = self._replies.get(key)
+        if cached and cached[4:4 + (cached[0] & 0x0F)] != msg.token:
+            # Same endpoint and message ID but another token: not a retransmission but a new
+            # request, e.g. another device behind a carrier NAT that reused the port.
+            cached = None
         if cached is not None:
             self._metrics.coap_retransmissions.inc()
             if cached:  # else the first copy is still being processed: its reply will come
