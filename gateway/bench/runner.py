@@ -49,26 +49,26 @@ class Result:
     note: str = ""
 
 
-def _free_port(kind: int) -> int:
+def free_port(kind: int) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
-def _peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
-def _wait(condition: Any, timeout_s: float, what: str) -> None:
+def wait(condition: Any, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -76,7 +76,7 @@ def _wait(condition: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _udp_answers(port: int) -> bool:
+def udp_answers(port: int) -> bool:
     """A CoAP ping (empty CON) answered by RST means the server is up."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.2)
@@ -86,14 +86,14 @@ def _udp_answers(port: int) -> bool:
     return False
 
 
-def _tcp_answers(port: int) -> bool:
+def tcp_answers(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
         return True
     return False
 
 
 @contextlib.contextmanager
-def _process(args: list[str], log: Path, env: dict[str, str] | None = None
+def process(args: list[str], log: Path, env: dict[str, str] | None = None
              ) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
@@ -110,10 +110,11 @@ def _process(args: list[str], log: Path, env: dict[str, str] | None = None
                 proc.wait()
 
 
-def _loadgen(port: int, devices: int, duration_s: float, method: str = "POST",
-             rate: float | None = None) -> dict[str, Any]:
+def loadgen(port: int, devices: int, duration_s: float, method: str = "POST",
+            rate: float | None = None, first_device: int = 0) -> dict[str, Any]:
     args = [sys.executable, "-m", "gateway.bench.loadgen", "--port", str(port),
-            "--devices", str(devices), "--duration", str(duration_s), "--method", method]
+            "--devices", str(devices), "--duration", str(duration_s), "--method", method,
+            "--first-device", str(first_device)]
     if rate:
         args += ["--rate", str(rate)]
     done = subprocess.run(args, capture_output=True, check=True, timeout=duration_s + 120)
@@ -121,11 +122,11 @@ def _loadgen(port: int, devices: int, duration_s: float, method: str = "POST",
     return result
 
 
-def _measure(target: str, pid: int, port: int, devices: int, duration_s: float,
+def measure(target: str, pid: int, port: int, devices: int, duration_s: float,
              method: str = "POST", rate: float | None = None) -> tuple[Result, dict[str, Any]]:
-    cpu_before = _cpu_s(pid)
-    load = _loadgen(port, devices, duration_s, method, rate)
-    cpu = _cpu_s(pid) - cpu_before
+    cpu_before = cpu_s(pid)
+    load = loadgen(port, devices, duration_s, method, rate)
+    cpu = cpu_s(pid) - cpu_before
     answered = load["answered"]
     result = Result(
         target=target,
@@ -136,7 +137,7 @@ def _measure(target: str, pid: int, port: int, devices: int, duration_s: float,
         codes=load["codes"],
         retransmissions=load["retransmissions"],
         server_cpu_s_per_1000=round(cpu / answered * 1000, 4) if answered else 0.0,
-        server_peak_rss_mb=round(_peak_rss_mb(pid), 1),
+        server_peak_rss_mb=round(peak_rss_mb(pid), 1),
     )
     return result, load
 
@@ -168,29 +169,29 @@ class Bench:
         return [sys.executable, "-m", "gateway", "run", "--config", str(ROOT_CONFIG)]
 
     def gateway_end_to_end(self, rate: float | None = None, name: str = "gateway") -> Result:
-        broker_port, coap_port, metrics_port = (_free_port(socket.SOCK_STREAM),
-                                                _free_port(socket.SOCK_DGRAM),
-                                                _free_port(socket.SOCK_STREAM))
+        broker_port, coap_port, metrics_port = (free_port(socket.SOCK_STREAM),
+                                                free_port(socket.SOCK_DGRAM),
+                                                free_port(socket.SOCK_STREAM))
         conf = self.workdir / f"{name}-mosquitto.conf"
         conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\n"
                         "max_queued_messages 0\nmax_inflight_messages 0\n")
         witness_file = self.workdir / f"{name}-delivered.txt"
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         env = self._gateway_env(name, broker_port, coap_port, metrics_port)
-        with _process([mosquitto, "-c", str(conf)], self.workdir / f"{name}-mosquitto.log"):
-            _wait(lambda: _tcp_answers(broker_port), 10, "mosquitto")
-            with _process(["mosquitto_sub", "-p", str(broker_port), "-q", "1",
+        with process([mosquitto, "-c", str(conf)], self.workdir / f"{name}-mosquitto.log"):
+            wait(lambda: tcp_answers(broker_port), 10, "mosquitto")
+            with process(["mosquitto_sub", "-p", str(broker_port), "-q", "1",
                            "-t", "nbiot/bench/+/+/up", "-F", "%p"], witness_file) as witness, \
-                 _process(self._gateway_args(), self.workdir / f"{name}.log", env) as gw:
-                _wait(lambda: _udp_answers(coap_port), 20, "the gateway")
-                _wait(lambda: _metric(metrics_port, "nbiot_gateway_mqtt_connected") == 1, 20,
+                 process(self._gateway_args(), self.workdir / f"{name}.log", env) as gw:
+                wait(lambda: udp_answers(coap_port), 20, "the gateway")
+                wait(lambda: metric(metrics_port, "nbiot_gateway_mqtt_connected") == 1, 20,
                       "the gateway's broker connection")
-                result, load = _measure(name, gw.pid, coap_port, self.devices,
+                result, load = measure(name, gw.pid, coap_port, self.devices,
                                         self.duration_s, rate=rate)
                 acked = {(bench_device_id(i), seq) for i, seq in load["acked"]}
-                _wait(lambda: _metric(metrics_port, "nbiot_gateway_spool_records") == 0,
+                wait(lambda: metric(metrics_port, "nbiot_gateway_spool_records") == 0,
                       120, "the spool to drain")
-                delivered = _wait_delivered(witness_file, acked)
+                delivered = wait_delivered(witness_file, acked)
                 witness.terminate()
         result.delivered = len(acked & delivered)
         result.lost = len(acked - delivered)
@@ -199,39 +200,39 @@ class Bench:
         return result
 
     def gateway_without_broker(self) -> Result:
-        coap_port, metrics_port = _free_port(socket.SOCK_DGRAM), _free_port(socket.SOCK_STREAM)
-        closed_port = _free_port(socket.SOCK_STREAM)  # nothing listens there
+        coap_port, metrics_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+        closed_port = free_port(socket.SOCK_STREAM)  # nothing listens there
         env = self._gateway_env("spool-only", closed_port, coap_port, metrics_port)
-        with _process(self._gateway_args(), self.workdir / "spool-only.log", env) as gw:
-            _wait(lambda: _udp_answers(coap_port), 20, "the gateway")
-            result, _ = _measure("gateway, broker down", gw.pid, coap_port, self.devices,
+        with process(self._gateway_args(), self.workdir / "spool-only.log", env) as gw:
+            wait(lambda: udp_answers(coap_port), 20, "the gateway")
+            result, _ = measure("gateway, broker down", gw.pid, coap_port, self.devices,
                                  self.duration_s)
         result.note = "ingest into the spool only"
         return result
 
     def aiocoap_bare(self) -> Result:
-        port = _free_port(socket.SOCK_DGRAM)
-        with _process([sys.executable, "-m", "gateway.bench.peers", "--port", str(port)],
+        port = free_port(socket.SOCK_DGRAM)
+        with process([sys.executable, "-m", "gateway.bench.peers", "--port", str(port)],
                       self.workdir / "aiocoap.log") as peer:
-            _wait(lambda: _udp_answers(port), 20, "the aiocoap server")
-            result, _ = _measure("aiocoap (bare)", peer.pid, port, self.devices, self.duration_s)
+            wait(lambda: udp_answers(port), 20, "the aiocoap server")
+            result, _ = measure("aiocoap (bare)", peer.pid, port, self.devices, self.duration_s)
         return result
 
     def libcoap(self) -> Result:
-        port = _free_port(socket.SOCK_DGRAM)
+        port = free_port(socket.SOCK_DGRAM)
         binary = shutil.which("coap-server-notls")
         if binary is None:
             return Result("libcoap", note="coap-server-notls missing: apt-get install libcoap3-bin")
-        with _process([binary, "-A", "127.0.0.1", "-p", str(port), "-d", str(self.devices + 10),
+        with process([binary, "-A", "127.0.0.1", "-p", str(port), "-d", str(self.devices + 10),
                        "-v", "0"], self.workdir / "libcoap.log") as peer:
-            _wait(lambda: _udp_answers(port), 20, "coap-server-notls")
-            result, _ = _measure("libcoap (C)", peer.pid, port, self.devices, self.duration_s,
+            wait(lambda: udp_answers(port), 20, "coap-server-notls")
+            result, _ = measure("libcoap (C)", peer.pid, port, self.devices, self.duration_s,
                                  method="PUT")
         result.note = "PUT to dynamic resources"
         return result
 
 
-def _metric(port: int, name: str) -> float | None:
+def metric(port: int, name: str) -> float | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
             for line in r.read().decode().splitlines():
@@ -242,7 +243,7 @@ def _metric(port: int, name: str) -> float | None:
     return None
 
 
-def _delivered(path: Path) -> set[tuple[str, int]]:
+def read_delivered(path: Path) -> set[tuple[str, int]]:
     seen = set()
     for line in path.read_text(errors="replace").splitlines():
         with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -251,11 +252,11 @@ def _delivered(path: Path) -> set[tuple[str, int]]:
     return seen
 
 
-def _wait_delivered(path: Path, acked: set[tuple[str, int]], timeout_s: float = 30
+def wait_delivered(path: Path, acked: set[tuple[str, int]], timeout_s: float = 30
                     ) -> set[tuple[str, int]]:
     deadline = time.monotonic() + timeout_s
     while True:
-        delivered = _delivered(path)
+        delivered = read_delivered(path)
         if acked <= delivered or time.monotonic() > deadline:
             return delivered
         time.sleep(0.2)

@@ -1,0 +1,29 @@
+"""The benchmark's smoke run: every target starts, serves the load and is reported side
+by side, and nothing acknowledged is lost. No thresholds: the figures live in
+docs/benchmarks.md, measured by `nbiot-gateway bench` on a quiet machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_measures_every_target_and_loses_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "--devices", "50", "--duration", "1",
+         "--json", str(out)], capture_output=True, text=True, timeout=240)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    targets = [r["target"] for r in result["results"]]
+    assert targets == ["gateway", "aiocoap (bare)", "libcoap (C)", "gateway, broker down",
+                       "gateway at half rate"]
+    assert all(r["answered"] > 0 for r in result["results"]), result
+    assert [r["lost"] for r in result["results"] if r["lost"] is not None] == [0, 0]
+    assert set(result["ratios"]) == {"gateway/aiocoap", "gateway/libcoap",
+                                     "broker_down/end_to_end"}
+    assert "ratios: gateway/aiocoap" in done.stdout
