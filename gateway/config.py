@@ -6,6 +6,7 @@ It never starts anything; a bad value is a `ConfigError` with its key path.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import tomllib
@@ -42,6 +43,10 @@ class GatewaySection(Section):
 
 
 class CoapSection(Section):
+    enabled: bool = True  # false: coaps only
+    # Plain CoAP uplinks must carry the device's token (`?k=`); false trusts the device id
+    # in the path (a private APN, say). A token that is given is always checked.
+    require_token: bool = True
     bind: str = "::"
     port: PortOrAny = 5683
     max_payload_bytes: Annotated[int, Field(ge=64, le=65536)] = 4096
@@ -49,6 +54,48 @@ class CoapSection(Section):
     # Past the cap the oldest go first; (device, seq) dedup still catches a repeat.
     dedup_max_entries: Annotated[int, Field(ge=1000)] = 200_000
     overload_max_age_s: Annotated[int, Field(ge=1, le=3600)] = 30
+
+
+ANY_ADDRESS = frozenset({"", "::", "0.0.0.0"})
+
+
+def dtls_unavailable() -> str | None:
+    """Why coaps cannot run here (DTLSSocket, tinydtls' Python binding, not importable)."""
+    try:
+        importlib.import_module("DTLSSocket.dtls")
+    except ImportError as e:
+        return (f"coaps.enabled = true needs the DTLSSocket package, which cannot be imported "
+                f"({e}): install the gateway with its dtls extra (pip install "
+                "'nbiot-gateway[dtls]'; building it needs autoconf, automake and libtool, "
+                "which scripts/bootstrap.sh installs)")
+    return None
+
+
+class CoapsSection(Section):
+    """CoAP over DTLS (coaps), a pre-shared key per device: the registry's `psk` column."""
+
+    enabled: bool = False
+    # One address, not :: or 0.0.0.0: aiocoap's DTLS server binds a single address, so a
+    # reply always leaves from the address the device sent to.
+    bind: str | None = None
+    port: Port = 5684
+    # DTLS sessions kept for devices that send again from the same address and port
+    # (~4.5 KB each): the least recently active go first past max_sessions, and any
+    # session idle for session_idle_s.
+    max_sessions: Annotated[int, Field(ge=100)] = 40_000
+    session_idle_s: Annotated[float, Field(gt=0)] = 600.0
+
+    @model_validator(mode="after")
+    def _can_listen(self) -> CoapsSection:
+        if not self.enabled:
+            return self
+        if self.bind is None or self.bind.strip() in ANY_ADDRESS:
+            raise ValueError("coaps.bind must name the one address devices reach (not :: or "
+                             "0.0.0.0): aiocoap's DTLS server binds a single address")
+        problem = dtls_unavailable()
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
 
 class MqttSection(Section):
@@ -158,6 +205,8 @@ class LimitsSection(Section):
     per_device_burst: Annotated[int, Field(ge=1)] = 20
     # Admission control: uplinks waiting for their spool commit; past this, 5.03.
     max_in_flight: Annotated[int, Field(ge=100)] = 20_000
+    # Admission control: while the event loop runs later than this, new uplinks get 5.03.
+    max_loop_lag_s: Annotated[float, Field(gt=0)] = 0.25
     # Rejected uplinks kept on the dead-letter topic, per second (bursts of 5 s).
     dead_letters_per_s: Annotated[float, Field(gt=0)] = 200.0
 
@@ -183,6 +232,7 @@ class Settings(BaseSettings):
 
     gateway: GatewaySection = GatewaySection()
     coap: CoapSection = CoapSection()
+    coaps: CoapsSection = CoapsSection()
     mqtt: MqttSection = MqttSection()
     spool: SpoolSection = SpoolSection()
     metrics: MetricsSection = MetricsSection()
@@ -191,6 +241,15 @@ class Settings(BaseSettings):
     liveness: LivenessSection = LivenessSection()
     limits: LimitsSection = LimitsSection()
     types: dict[TopicPart, DeviceType] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ingest(self) -> Settings:
+        if not self.coap.enabled and not self.coaps.enabled:
+            raise ValueError("coap.enabled and coaps.enabled are both false: no uplink could arrive")
+        if self.coap.enabled and self.coaps.enabled and self.coap.port == self.coaps.port:
+            raise ValueError(f"coap.port and coaps.port are both {self.coap.port}: "
+                             "give coaps a port of its own (5684)")
+        return self
 
     @classmethod
     def settings_customise_sources(

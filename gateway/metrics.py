@@ -105,6 +105,10 @@ class Metrics:
             registry=r)
         self.registry_devices = Gauge(
             f"{NS}_registry_devices", "Devices in the loaded registry.", registry=r)
+        self.dtls_sessions = Gauge(
+            f"{NS}_dtls_sessions",
+            "coaps (DTLS) sessions held, handshakes that failed included (coaps.max_sessions).",
+            registry=r)
 
 
 class MetricsServer:

@@ -20,6 +20,9 @@ class Uplink:
     remote: str  # "host:port", for logs and the dead-letter topic
     received_at: float  # wall clock, seconds since the epoch
     received_mono: float  # monotonic clock, for the ack latency histogram
+    # coaps: the device id the DTLS handshake authenticated (its PSK identity); None over
+    # plain CoAP, or when that device's key changed since the handshake.
+    peer_identity: str | None = None
 
 
 @dataclass(slots=True, frozen=True)

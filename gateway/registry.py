@@ -1,7 +1,7 @@
 """The device registry: which devices exist, their type, token and report interval.
 
-Loaded from a CSV file (`device_id,type,token,report_interval_s[,enabled]`); it never
-writes the file. A bad file is a ConfigError naming each bad row.
+Loaded from a CSV file (`device_id,type,token,report_interval_s[,enabled][,psk]`); it
+never writes the file. A bad file is a ConfigError naming each bad row.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import hmac
 import io
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import ConfigError
@@ -21,6 +21,10 @@ DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _TRUE = {"", "1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 MAX_PROBLEMS = 50
+# tinydtls' limits: a longer key would overflow its 16-byte buffer (DTLSSocket does not
+# check), a longer identity is refused in the handshake.
+PSK_MAX_BYTES = 16
+PSK_IDENTITY_MAX_BYTES = 32
 
 
 @dataclass(slots=True, frozen=True)
@@ -30,9 +34,10 @@ class Device:
     token: str
     report_interval_s: int
     enabled: bool = True
+    psk: bytes | None = field(default=None, repr=False)  # coaps key; the identity is device_id
 
     def token_matches(self, presented: str | None) -> bool:
-        if presented is None:
+        if presented is None or not self.token:  # no token: a coaps-only device
             return False
         return hmac.compare_digest(self.token.encode(), presented.encode())
 
@@ -94,6 +99,7 @@ def _parse_rows(
                            f"(the header reads {','.join(header)!r}; columns are comma-separated)"])
     i_id, i_type, i_token, i_interval = (columns.index(c) for c in REQUIRED_COLUMNS)
     i_enabled = columns.index("enabled") if "enabled" in columns else None
+    i_psk = columns.index("psk") if "psk" in columns else None
     width = len(columns)
     for line_no, row in enumerate(reader, start=2):
         if not row or (len(row) == 1 and not row[0].strip()):
@@ -113,8 +119,9 @@ def _parse_rows(
                             f"(first on line {first_line[device_id]})")
         if dtype not in known_types:
             problems.append(f"{where}: type {dtype!r} is not defined under [types]")
-        if not token:
-            problems.append(f"{where}: token is empty")
+        psk = _parse_psk(row[i_psk], device_id, where, problems) if i_psk is not None else None
+        if not token and psk is None:
+            problems.append(f"{where}: token is empty (a device needs a token, or a psk for coaps)")
         try:
             interval = int(row[i_interval])
             if interval <= 0:
@@ -135,5 +142,26 @@ def _parse_rows(
             problems.append("... (further problems not listed)")
             break
         first_line.setdefault(device_id, line_no)
-        devices.append(Device(device_id, dtype, token, interval, enabled))
+        devices.append(Device(device_id, dtype, token, interval, enabled, psk))
     return devices, problems
+
+
+def _parse_psk(text: str, device_id: str, where: str, problems: list[str]) -> bytes | None:
+    """The `psk` column: hex, 1 to 16 bytes; empty means the device cannot use coaps."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        psk = bytes.fromhex(text)
+    except ValueError:
+        problems.append(f"{where}: psk is not hex (two digits 0-9a-f per byte)")
+        return None
+    if not 1 <= len(psk) <= PSK_MAX_BYTES:
+        problems.append(f"{where}: psk is {len(psk)} bytes; DTLS (tinydtls) takes 1 to "
+                        f"{PSK_MAX_BYTES} bytes, {2 * PSK_MAX_BYTES} hex digits at most")
+        return None
+    if len(device_id.encode()) > PSK_IDENTITY_MAX_BYTES:
+        problems.append(f"{where}: device_id is the DTLS PSK identity, at most "
+                        f"{PSK_IDENTITY_MAX_BYTES} bytes; this one cannot have a psk")
+        return None
+    return psk

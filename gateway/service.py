@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.coap.server import CoapServer, bind_udp
 from gateway.config import Settings, load_config
@@ -22,8 +23,11 @@ from gateway.metrics import NS, Metrics, MetricsServer
 from gateway.notify import Notifier, UplinkRate, reloading_message, status_line
 from gateway.pipeline import Pipeline
 from gateway.publisher import Publisher
-from gateway.registry import load_registry
+from gateway.registry import Registry, load_registry
 from gateway.spool import Spool
+
+if TYPE_CHECKING:
+    from gateway.coap.dtls import DtlsServer
 
 log = logging.getLogger(__name__)
 COMMIT_WAIT_S = 5.0
@@ -39,6 +43,7 @@ class Service:
         self._spool: Spool | None = None
         self._pipeline: Pipeline | None = None
         self._coap: CoapServer | None = None
+        self._dtls: DtlsServer | None = None
         self._metrics_server: MetricsServer | None = None
         self._publisher: Publisher | None = None
         self._publisher_task: asyncio.Task[None] | None = None
@@ -81,17 +86,21 @@ class Service:
                                   spool, topic_base)
         await self._downlink.load()
         self._pipeline = Pipeline(s, registry, spool, m, self._liveness, self._downlink)
-        self._coap = CoapServer(self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
-                                dedup_max_entries=s.coap.dedup_max_entries)
         loop = asyncio.get_running_loop()
-        try:
-            sock = bind_udp(s.coap.bind, s.coap.port)
-        except OSError as e:
-            raise OSError(e.errno, f"coap: cannot bind udp {s.coap.bind} port {s.coap.port}: "
-                                   f"{e.strerror}") from None
-        coap_port = sock.getsockname()[1]
-        coap = self._coap
-        await loop.create_datagram_endpoint(lambda: coap, sock=sock)
+        listening = []
+        if s.coap.enabled:
+            self._coap = coap = CoapServer(self._pipeline, m,
+                                           max_payload_bytes=s.coap.max_payload_bytes,
+                                           dedup_max_entries=s.coap.dedup_max_entries)
+            try:
+                sock = bind_udp(s.coap.bind, s.coap.port)
+            except OSError as e:
+                raise OSError(e.errno, f"coap: cannot bind udp {s.coap.bind} port {s.coap.port}: "
+                                       f"{e.strerror}") from None
+            await loop.create_datagram_endpoint(lambda: coap, sock=sock)
+            listening.append(f"coap udp {s.coap.bind} port {sock.getsockname()[1]}")
+        if s.coaps.enabled:
+            listening.append(await self._start_dtls(registry))
         metrics_where = "disabled"
         if s.metrics.enabled:
             self._metrics_server = MetricsServer(m, self._ready)
@@ -109,13 +118,32 @@ class Service:
         for sig, handler in ((signal.SIGTERM, self.stop.set), (signal.SIGINT, self.stop.set),
                              (signal.SIGHUP, self._reload.set)):
             loop.add_signal_handler(sig, handler)
-        log.info("gateway %s ready: coap udp %s port %d, %d devices, %d types, spool %s "
+        log.info("gateway %s ready: %s, %d devices, %d types, spool %s "
                  "(%d records waiting), broker %s:%d, metrics %s, started in %.2fs",
-                 s.gateway.id, s.coap.bind, coap_port, len(registry), len(s.types), s.spool.path,
+                 s.gateway.id, ", ".join(listening), len(registry), len(s.types), s.spool.path,
                  spool.records, s.mqtt.host, s.mqtt.port, metrics_where,
                  time.monotonic() - started)
         self._notifier.send("READY=1\n" + self._status_line())
         self._notifier.start()
+
+    async def _start_dtls(self, registry: Registry) -> str:
+        from gateway.coap.dtls import DtlsServer  # aiocoap's server side: only when enabled
+
+        s = self.settings
+        assert self._pipeline is not None and s.coaps.bind is not None  # config checked both
+        self._dtls = DtlsServer(self._pipeline, self.metrics, registry,
+                                max_payload_bytes=s.coap.max_payload_bytes,
+                                max_sessions=s.coaps.max_sessions,
+                                session_idle_s=s.coaps.session_idle_s)
+        await self._dtls.start(s.coaps.bind, s.coaps.port)
+        self._warn_no_psk()
+        return (f"coaps (DTLS) udp {s.coaps.bind} port {s.coaps.port} "
+                f"({self._dtls.devices_with_psk} devices with a psk)")
+
+    def _warn_no_psk(self) -> None:
+        if self._dtls is not None and self._dtls.devices_with_psk == 0:
+            log.warning("coaps is enabled but no device in the registry has a psk: "
+                        "no device can use it")
 
     async def _housekeeping(self, interval_s: float) -> None:
         """Every interval: mark silent devices offline, expire downlink commands, save both."""
@@ -131,12 +159,22 @@ class Service:
             except Exception:  # task boundary: keep sweeping, say why it failed
                 log.exception("housekeeping (liveness, downlink expiry) failed")
 
-    async def _loop_lag_monitor(self, period_s: float = 0.5) -> None:
+    async def _loop_lag_monitor(self, period_s: float = 0.1) -> None:
+        """Measure how late the loop runs a timer; past `limits.max_loop_lag_s`, shed load."""
         loop = asyncio.get_running_loop()
+        limit_s = self.settings.limits.max_loop_lag_s
         while True:
             due = loop.time() + period_s
             await asyncio.sleep(period_s)
-            self.metrics.event_loop_lag_seconds.set(max(0.0, loop.time() - due))
+            lag_s = max(0.0, loop.time() - due)
+            self.metrics.event_loop_lag_seconds.set(lag_s)
+            overloaded = lag_s > limit_s
+            if self._pipeline is not None and overloaded != self._pipeline.overloaded:
+                self._pipeline.overloaded = overloaded
+                if overloaded:
+                    log.warning("event loop %.2fs late: answering 5.03 to new uplinks", lag_s)
+                else:
+                    log.info("event loop on time again: accepting uplinks")
 
     def _status_line(self) -> str:
         received = self.metrics.registry.get_sample_value(f"{NS}_uplinks_received_total") or 0.0
@@ -154,7 +192,7 @@ class Service:
         self.metrics.spool_commit_records.inc(records)
 
     def _ready(self) -> tuple[bool, str]:
-        if self._coap is None or self._spool is None or self.stop.is_set():
+        if (self._coap is None and self._dtls is None) or self._spool is None or self.stop.is_set():
             return False, "not accepting uplinks"
         if self._publisher is not None and self._publisher.connected:
             return True, "ready: broker connected"
@@ -197,6 +235,9 @@ class Service:
                 self._liveness.replace_registry(registry)
             if self._downlink is not None:
                 self._downlink.replace_registry(registry)
+            if self._dtls is not None:
+                self._dtls.replace_keys(registry)
+                self._warn_no_psk()
             log.info("reloaded registry %s: %d devices", settings.registry.path, len(registry))
         self._notifier.send("READY=1")
 
@@ -213,6 +254,8 @@ class Service:
                 await asyncio.wait_for(self._spool.wait_committed(), COMMIT_WAIT_S)
         if self._coap is not None:
             self._coap.close()
+        if self._dtls is not None:
+            await self._dtls.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
