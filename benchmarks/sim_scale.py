@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,11 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import demo
+from gateway import localstack
 from gateway.config import load_config
+from gateway.demo import start_stack
 from gateway.sim.registry_file import make_registry
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -41,11 +39,8 @@ class ProcStats:
 
     def sample(self) -> None:
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            self.cpu_s = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak_rss_mb = int(line.split()[1]) / 1024
+            self.cpu_s = localstack.cpu_s(self.pid)
+            self.peak_rss_mb = localstack.peak_rss_mb(self.pid)
         except (OSError, IndexError, ValueError):
             pass  # the process has exited: keep the last sample
 
@@ -68,26 +63,22 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
-    config = demo.SHIPPED_CONFIG
+    config = localstack.SHIPPED_CONFIG
     settings = load_config(config)
     with tempfile.TemporaryDirectory(prefix="nbiot-scale-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         registry = make_registry(workdir / "devices.csv", args.devices, settings.types,
                                  int(args.interval))
-        broker = demo.start_broker(workdir, stack)
-        broker_port = broker.port
-        coap_port, metrics_port = demo.free_port(socket.SOCK_DGRAM), demo.free_port()
-        env = demo.gateway_env(workdir, broker_port, coap_port, metrics_port, registry)
-        gateway = demo.start_gateway(config, env, workdir, metrics_port, stack)
+        local = start_stack(config, workdir, registry, stack)
         summary_path = workdir / "summary.json"
         sim = subprocess.Popen(
             [sys.executable, "-m", "gateway", "sim", "--config", str(config),
              "--devices", str(args.devices), "--interval", str(args.interval),
              "--duration", str(args.duration), "--profile", args.profile,
              "--seed", str(args.seed), "--json", str(summary_path)],
-            env={**os.environ, **env})
-        stats = {"gateway": ProcStats(gateway.pid), "simulator": ProcStats(sim.pid),
-                 "mosquitto": ProcStats(broker.proc.pid)}
+            env={**os.environ, **local.env})
+        stats = {"gateway": ProcStats(local.gateway.pid), "simulator": ProcStats(sim.pid),
+                 "mosquitto": ProcStats(local.broker.proc.pid)}
         started = time.monotonic()
         drops_before = udp_receive_buffer_errors()
         while sim.poll() is None:
@@ -98,7 +89,7 @@ def main() -> int:
         udp_drops = udp_receive_buffer_errors() - drops_before
         stats["gateway"].sample()
         stats["mosquitto"].sample()
-        metrics = demo.gateway_metrics(metrics_port)
+        metrics = localstack.gateway_metrics(local.metrics_port)
         stack.close()
         summary = json.loads(summary_path.read_text())
 

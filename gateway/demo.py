@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway import localstack
+from gateway.localstack import StackError
 
 # 10,000 devices every 5 s is ~2,000 uplinks/s: half of what this 2-core machine carried
 # cleanly with the gateway, mosquitto and the simulator all on it (3,250/s; at 4,700/s the
@@ -28,149 +25,35 @@ from pathlib import Path
 DEFAULT_DEVICES = 10_000
 DEFAULT_DURATION_S = 60.0
 DEFAULT_INTERVAL_S = 5.0
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 60.0
 DEMO_DRAIN_S = 15.0  # a demo ends within a minute or so; a longer straggler is "unfinished"
+# Unlimited queues: the simulator's witness must see every message, however busy.
+MOSQUITTO_CONF = ("max_queued_messages 1000000", "max_inflight_messages 0")
 
-
-class DemoError(Exception):
-    """Something the demo needs did not start."""
-
-
-def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _accepting(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def _http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as e:
-        return int(e.code), b""
-    except OSError:
-        return 0, b""
-
-
-@contextlib.contextmanager
-def _process(args: list[str], log_path: Path, env: dict[str, str] | None = None,
-             stop_timeout_s: float = STOP_TIMEOUT_S) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process with its output in `log_path`, stopped with SIGTERM (then SIGKILL)."""
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _alive(proc: subprocess.Popen[bytes], name: str, log_path: Path) -> None:
-    if proc.poll() is not None:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-        raise DemoError(f"{name} exited with {proc.returncode}:\n{tail}")
+DemoError = StackError  # something the demo needs did not start
 
 
 @dataclass(frozen=True)
-class Broker:
-    port: int
-    proc: subprocess.Popen[bytes]
+class DemoStack:
+    broker: localstack.Broker
+    gateway: subprocess.Popen[bytes]
+    coap_port: int
+    metrics_port: int
+    env: dict[str, str]  # the gateway's NBIOT_* overrides: a simulator given them finds it
 
 
-def start_broker(workdir: Path, stack: contextlib.ExitStack) -> Broker:
-    """mosquitto on a free loopback port, stopped when `stack` closes."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
-        raise DemoError("mosquitto is not installed (apt-get install mosquitto; ./scripts/demo "
-                        "does it for you)")
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    # Unlimited queues: the simulator's witness must see every message, however busy.
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 1000000\nmax_inflight_messages 0\n")
-    log = workdir / "mosquitto.log"
-    proc = stack.enter_context(_process([binary, "-c", str(conf)], log, stop_timeout_s=10))
-
-    def up() -> bool:
-        _alive(proc, "mosquitto", log)
-        return _accepting(port)
-
-    wait_until(up, START_TIMEOUT_S, f"mosquitto on port {port}")
-    return Broker(port, proc)
-
-
-def gateway_env(workdir: Path, broker_port: int, coap_port: int, metrics_port: int,
-                registry: Path) -> dict[str, str]:
-    """The shipped config, pointed at the demo's ports and files through the environment."""
-    return {
-        "NBIOT_MQTT__HOST": "127.0.0.1",
-        "NBIOT_MQTT__PORT": str(broker_port),
-        "NBIOT_COAP__BIND": "127.0.0.1",
-        "NBIOT_COAP__PORT": str(coap_port),
-        "NBIOT_SPOOL__PATH": str(workdir / "spool.sqlite"),
-        "NBIOT_METRICS__BIND": "127.0.0.1",
-        "NBIOT_METRICS__PORT": str(metrics_port),
-        "NBIOT_REGISTRY__PATH": str(registry),
-    }
-
-
-def start_gateway(config: Path, env: dict[str, str], workdir: Path, metrics_port: int,
-                  stack: contextlib.ExitStack) -> subprocess.Popen[bytes]:
-    log = workdir / "gateway.log"
-    proc = stack.enter_context(_process(
-        [sys.executable, "-m", "gateway", "run", "--config", str(config)], log,
-        env={**os.environ, **env}))
-
-    def ready() -> bool:
-        _alive(proc, "the gateway", log)
-        return _http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
-
-    wait_until(ready, START_TIMEOUT_S, "the gateway to be ready (/readyz)")
-    return proc
-
-
-def gateway_metrics(metrics_port: int) -> dict[str, float]:
-    """A few of the gateway's own figures from /metrics, for the summary."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    status, body = _http_get(f"http://127.0.0.1:{metrics_port}/metrics")
-    if status != 200:
-        return {}
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            name = sample.name.removeprefix("nbiot_gateway_")
-            if sample.labels.get("reason"):
-                name = f"{name}{{{sample.labels['reason']}}}"
-            elif sample.labels:
-                continue
-            values[name] = float(sample.value)
-    return values
+def start_stack(config: Path, workdir: Path, registry: Path,
+                stack: contextlib.ExitStack) -> DemoStack:
+    """mosquitto and the gateway (`config` pointed at `workdir` and loopback ports of their
+    own), the gateway ready (/readyz); both stopped when `stack` closes."""
+    broker = stack.enter_context(localstack.mosquitto(workdir, MOSQUITTO_CONF))
+    coap_port, metrics_port = localstack.free_port(socket.SOCK_DGRAM), localstack.free_port()
+    env = localstack.gateway_env(broker_port=broker.port, coap_port=coap_port,
+                                 metrics_port=metrics_port, spool=workdir / "spool.sqlite",
+                                 registry=registry)
+    gateway = stack.enter_context(localstack.gateway(
+        env, workdir / "gateway.log", lambda: localstack.gateway_ready(metrics_port),
+        "the gateway to be ready (/readyz)", config))
+    return DemoStack(broker, gateway, coap_port, metrics_port, env)
 
 
 def format_gateway_metrics(m: dict[str, float]) -> str:
@@ -207,7 +90,7 @@ def run_demo(config: Path | None, *, devices: int, duration_s: float, interval_s
     from gateway.sim.run import simulate
     from gateway.sim.witness import WitnessError
 
-    config = (config or SHIPPED_CONFIG).resolve()
+    config = (config or localstack.SHIPPED_CONFIG).resolve()
     try:
         settings = load_config(config)
     except ConfigError as e:
@@ -221,10 +104,10 @@ def run_demo(config: Path | None, *, devices: int, duration_s: float, interval_s
             print(f"demo: {devices} devices, a report every {interval_s:g} s each "
                   f"(~{devices / interval_s:.0f}/s), for {duration_s:g} s; profile {profile}",
                   file=sys.stderr)
-            broker_port = start_broker(workdir, stack).port
-            coap_port, metrics_port = free_port(socket.SOCK_DGRAM), free_port()
-            env = gateway_env(workdir, broker_port, coap_port, metrics_port, registry_path)
-            gateway = start_gateway(config, env, workdir, metrics_port, stack)
+            local = start_stack(config, workdir, registry_path, stack)
+            broker_port, coap_port, metrics_port = (local.broker.port, local.coap_port,
+                                                    local.metrics_port)
+            gateway = local.gateway
             print(f"demo: mosquitto on 127.0.0.1:{broker_port}, gateway coap://127.0.0.1:{coap_port} "
                   f"(metrics http://127.0.0.1:{metrics_port}/metrics), pid {gateway.pid}",
                   file=sys.stderr)
@@ -238,7 +121,7 @@ def run_demo(config: Path | None, *, devices: int, duration_s: float, interval_s
                 "drain_s": min(settings.sim.drain_s, DEMO_DRAIN_S)})
             registry = load_registry(registry_path, settings.types)
             summary = asyncio.run(simulate(demo_settings, registry, sim, Progress()))
-            metrics = gateway_metrics(metrics_port)
+            metrics = localstack.gateway_metrics(metrics_port)
         except KeyboardInterrupt:
             print("\ndemo interrupted: stopping the gateway and the broker", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -21,6 +21,7 @@ from pathlib import Path
 from gateway.model import Record
 from gateway.registry import Registry
 from gateway.spool import Spool, record_size
+from gateway.sqlitefile import open_db
 from gateway.timefmt import rfc3339_ms
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,11 @@ class DownlinkStore:
         self.path = path
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("CREATE TABLE IF NOT EXISTS commands (device_id TEXT, command_id TEXT, "
-                   "body TEXT NOT NULL, expires_at REAL NOT NULL, delivered INTEGER NOT NULL, "
-                   "PRIMARY KEY (device_id, command_id))")
-        return db
+        # synchronous=FULL: a command acknowledged as queued survives a power loss.
+        return open_db(self.path, "CREATE TABLE IF NOT EXISTS commands (device_id TEXT, "
+                       "command_id TEXT, body TEXT NOT NULL, expires_at REAL NOT NULL, "
+                       "delivered INTEGER NOT NULL, PRIMARY KEY (device_id, command_id))",
+                       synchronous_full=True)
 
     def load(self) -> list[Command]:
         with closing(self._connect()) as db:

@@ -20,6 +20,7 @@ from gateway.metrics import Metrics
 from gateway.model import Record
 from gateway.registry import Device, Registry
 from gateway.spool import Spool, record_size
+from gateway.sqlitefile import open_db
 from gateway.timefmt import rfc3339_ms
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,8 @@ class LivenessStore:
         self.path = path
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE IF NOT EXISTS last_seen ("
-                   "device_id TEXT PRIMARY KEY, seen_at REAL NOT NULL, state TEXT NOT NULL)")
-        return db
+        return open_db(self.path, "CREATE TABLE IF NOT EXISTS last_seen (device_id TEXT PRIMARY "
+                       "KEY, seen_at REAL NOT NULL, state TEXT NOT NULL)", synchronous_full=False)
 
     def load(self) -> dict[str, tuple[float, str]]:
         with closing(self._connect()) as db:

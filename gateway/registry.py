@@ -1,12 +1,14 @@
 """The device registry: which devices exist, their type, token and report interval.
 
-Loaded from a CSV file (`device_id,type,token,report_interval_s[,enabled][,psk]`); it
-never writes the file. A bad file is a ConfigError naming each bad row.
+Loaded from a CSV file (`device_id,type,token,report_interval_s[,enabled][,psk]`, where
+`token_sha256` may stand instead of `token`); it never writes the file. A bad file is a
+ConfigError naming each bad row, never showing a secret.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import hmac
 import io
 import re
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from gateway.errors import ConfigError
 
-REQUIRED_COLUMNS = ("device_id", "type", "token", "report_interval_s")
+REQUIRED_COLUMNS = ("device_id", "type", "report_interval_s")
+TOKEN_COLUMNS = ("token", "token_sha256")  # at least one of them
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _TRUE = {"", "1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -35,11 +38,19 @@ class Device:
     report_interval_s: int
     enabled: bool = True
     psk: bytes | None = field(default=None, repr=False)  # coaps key; the identity is device_id
+    # SHA-256 of the token, for registries that must not hold tokens in clear.
+    token_sha256: bytes | None = field(default=None, repr=False)
 
     def token_matches(self, presented: str | None) -> bool:
-        if presented is None or not self.token:  # no token: a coaps-only device
+        """Constant-time comparison with the token, or with its SHA-256."""
+        if presented is None:
             return False
-        return hmac.compare_digest(self.token.encode(), presented.encode())
+        if self.token:
+            return hmac.compare_digest(self.token.encode(), presented.encode())
+        if self.token_sha256 is not None:
+            digest = hashlib.sha256(presented.encode()).digest()
+            return hmac.compare_digest(self.token_sha256, digest)
+        return False  # no token at all: a coaps-only device
 
 
 class Registry:
@@ -94,10 +105,14 @@ def _parse_rows(
         raise ConfigError([f"{path}: empty file, expected header {','.join(REQUIRED_COLUMNS)}"])
     columns = [h.strip() for h in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if not any(c in columns for c in TOKEN_COLUMNS):
+        missing.append(" or ".join(TOKEN_COLUMNS))
     if missing:
         raise ConfigError([f"{path}:1: missing column(s) {', '.join(missing)} "
                            f"(the header reads {','.join(header)!r}; columns are comma-separated)"])
-    i_id, i_type, i_token, i_interval = (columns.index(c) for c in REQUIRED_COLUMNS)
+    i_id, i_type, i_interval = (columns.index(c) for c in REQUIRED_COLUMNS)
+    i_token = columns.index("token") if "token" in columns else None
+    i_sha = columns.index("token_sha256") if "token_sha256" in columns else None
     i_enabled = columns.index("enabled") if "enabled" in columns else None
     i_psk = columns.index("psk") if "psk" in columns else None
     width = len(columns)
@@ -110,7 +125,8 @@ def _parse_rows(
             problems.append(f"{path}:{line_no}: expected {width} columns, got {len(row)}")
             continue
         # Stripped like the other columns: "d1, env_th, tok, 60" must not make every uplink 4.01.
-        device_id, dtype, token = row[i_id].strip(), row[i_type].strip(), row[i_token].strip()
+        device_id, dtype = row[i_id].strip(), row[i_type].strip()
+        token = row[i_token].strip() if i_token is not None else ""
         where = f"{path}:{line_no}"
         if not DEVICE_ID.match(device_id):
             problems.append(f"{where}: device_id {device_id!r} is not a valid id")
@@ -120,8 +136,10 @@ def _parse_rows(
         if dtype not in known_types:
             problems.append(f"{where}: type {dtype!r} is not defined under [types]")
         psk = _parse_psk(row[i_psk], device_id, where, problems) if i_psk is not None else None
-        if not token and psk is None:
-            problems.append(f"{where}: token is empty (a device needs a token, or a psk for coaps)")
+        token_sha256 = _parse_sha256(row[i_sha], where, problems) if i_sha is not None else None
+        if not token and token_sha256 is None and psk is None:
+            problems.append(f"{where}: token is empty (a device needs a token or token_sha256, "
+                            "or a psk for coaps)")
         try:
             interval = int(row[i_interval])
             if interval <= 0:
@@ -142,8 +160,23 @@ def _parse_rows(
             problems.append("... (further problems not listed)")
             break
         first_line.setdefault(device_id, line_no)
-        devices.append(Device(device_id, dtype, token, interval, enabled, psk))
+        devices.append(Device(device_id, dtype, token, interval, enabled, psk, token_sha256))
     return devices, problems
+
+
+def _parse_sha256(text: str, where: str, problems: list[str]) -> bytes | None:
+    """The `token_sha256` column: 64 hex digits, or empty."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        problems.append(f"{where}: token_sha256 is not 64 hex digits")
+        return None
+    return digest
 
 
 def _parse_psk(text: str, device_id: str, where: str, problems: list[str]) -> bytes | None:

@@ -421,7 +421,8 @@ def test_check_config_wants_a_token_or_a_psk(tmp_path: Path) -> None:
     result = check_config(tmp_path, "", "device_id,type,token,report_interval_s,psk\nth-1,env_th,,60,\n")
 
     assert result.returncode == 2
-    assert "devices.csv:2: token is empty (a device needs a token, or a psk for coaps)" in result.stderr
+    assert ("devices.csv:2: token is empty (a device needs a token or token_sha256, "
+            "or a psk for coaps)") in result.stderr
 
 
 @pytest.mark.parametrize(("extra_toml", "env", "problem"), [

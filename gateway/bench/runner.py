@@ -15,22 +15,33 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.bench.loadgen import bench_device_id, write_bench_registry
+from gateway.localstack import (
+    LOAD_ENV,
+    child_process,
+    coap_answers,
+    cpu_s,
+    free_port,
+    gateway,
+    gateway_env,
+    metric_sample,
+    mosquitto,
+    peak_rss_mb,
+    wait_ready,
+    wait_until,
+)
 
-ROOT_CONFIG = Path(__file__).resolve().parent.parent.parent / "config" / "gateway.toml"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The gateway's broker queues without limit: the witness must see every message.
+MOSQUITTO_CONF = ("max_queued_messages 0", "max_inflight_messages 0")
 
 
 @dataclass
@@ -47,67 +58,6 @@ class Result:
     delivered: int | None = None
     lost: int | None = None
     note: str = ""
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def wait(condition: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"bench: timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def udp_answers(port: int) -> bool:
-    """A CoAP ping (empty CON) answered by RST means the server is up."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(0.2)
-        s.sendto(b"\x40\x00\x12\x34", ("127.0.0.1", port))
-        with contextlib.suppress(OSError):
-            return len(s.recv(64)) >= 4
-    return False
-
-
-def tcp_answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-        return True
-    return False
-
-
-@contextlib.contextmanager
-def process(args: list[str], log: Path, env: dict[str, str] | None = None
-             ) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def loadgen(port: int, devices: int, duration_s: float, method: str = "POST",
@@ -152,47 +102,32 @@ class Bench:
 
     def _gateway_env(self, name: str, broker_port: int, coap_port: int, metrics_port: int
                      ) -> dict[str, str]:
-        return {
-            "NBIOT_GATEWAY__LOG_LEVEL": "WARNING",
-            "NBIOT_GATEWAY__TENANT": "bench",
-            "NBIOT_COAP__BIND": "127.0.0.1",
-            "NBIOT_COAP__PORT": str(coap_port),
-            "NBIOT_MQTT__HOST": "127.0.0.1",
-            "NBIOT_MQTT__PORT": str(broker_port),
-            "NBIOT_SPOOL__PATH": str(self.workdir / name / "spool.sqlite"),
-            "NBIOT_METRICS__PORT": str(metrics_port),
-            "NBIOT_REGISTRY__PATH": str(self.registry),
-            "NBIOT_LIMITS__PER_DEVICE_RATE": "0",  # the load sends far faster than a sensor
-        }
-
-    def _gateway_args(self) -> list[str]:
-        return [sys.executable, "-m", "gateway", "run", "--config", str(ROOT_CONFIG)]
+        return {**gateway_env(broker_port=broker_port, coap_port=coap_port,
+                              metrics_port=metrics_port, spool=self.workdir / name / "spool.sqlite",
+                              registry=self.registry),
+                **LOAD_ENV, "NBIOT_GATEWAY__TENANT": "bench"}
 
     def gateway_end_to_end(self, rate: float | None = None, name: str = "gateway") -> Result:
-        broker_port, coap_port, metrics_port = (free_port(socket.SOCK_STREAM),
-                                                free_port(socket.SOCK_DGRAM),
-                                                free_port(socket.SOCK_STREAM))
-        conf = self.workdir / f"{name}-mosquitto.conf"
-        conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\n"
-                        "max_queued_messages 0\nmax_inflight_messages 0\n")
+        coap_port, metrics_port = free_port(socket.SOCK_DGRAM), free_port()
         witness_file = self.workdir / f"{name}-delivered.txt"
-        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        env = self._gateway_env(name, broker_port, coap_port, metrics_port)
-        with process([mosquitto, "-c", str(conf)], self.workdir / f"{name}-mosquitto.log"):
-            wait(lambda: tcp_answers(broker_port), 10, "mosquitto")
-            with process(["mosquitto_sub", "-p", str(broker_port), "-q", "1",
-                           "-t", "nbiot/bench/+/+/up", "-F", "%p"], witness_file) as witness, \
-                 process(self._gateway_args(), self.workdir / f"{name}.log", env) as gw:
-                wait(lambda: udp_answers(coap_port), 20, "the gateway")
-                wait(lambda: metric(metrics_port, "nbiot_gateway_mqtt_connected") == 1, 20,
-                      "the gateway's broker connection")
-                result, load = measure(name, gw.pid, coap_port, self.devices,
-                                        self.duration_s, rate=rate)
-                acked = {(bench_device_id(i), seq) for i, seq in load["acked"]}
-                wait(lambda: metric(metrics_port, "nbiot_gateway_spool_records") == 0,
-                      120, "the spool to drain")
-                delivered = wait_delivered(witness_file, acked)
-                witness.terminate()
+        with contextlib.ExitStack() as stack:
+            broker = stack.enter_context(mosquitto(self.workdir, MOSQUITTO_CONF,
+                                                   name=f"{name}-mosquitto"))
+            witness = stack.enter_context(child_process(
+                ["mosquitto_sub", "-p", str(broker.port), "-q", "1", "-t", "nbiot/bench/+/+/up",
+                 "-F", "%p"], witness_file))
+            env = self._gateway_env(name, broker.port, coap_port, metrics_port)
+            gw = stack.enter_context(gateway(env, self.workdir / f"{name}.log",
+                                             lambda: coap_answers(coap_port)))
+            wait_until(lambda: metric_sample(metrics_port, "nbiot_gateway_mqtt_connected") == 1, 20,
+                       "the gateway's broker connection")
+            result, load = measure(name, gw.pid, coap_port, self.devices, self.duration_s,
+                                   rate=rate)
+            acked = {(bench_device_id(i), seq) for i, seq in load["acked"]}
+            wait_until(lambda: metric_sample(metrics_port, "nbiot_gateway_spool_records") == 0,
+                       120, "the spool to drain")
+            delivered = wait_delivered(witness_file, acked)
+            witness.terminate()
         result.delivered = len(acked & delivered)
         result.lost = len(acked - delivered)
         if rate:
@@ -200,21 +135,21 @@ class Bench:
         return result
 
     def gateway_without_broker(self) -> Result:
-        coap_port, metrics_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
-        closed_port = free_port(socket.SOCK_STREAM)  # nothing listens there
+        coap_port, metrics_port = free_port(socket.SOCK_DGRAM), free_port()
+        closed_port = free_port()  # nothing listens there
         env = self._gateway_env("spool-only", closed_port, coap_port, metrics_port)
-        with process(self._gateway_args(), self.workdir / "spool-only.log", env) as gw:
-            wait(lambda: udp_answers(coap_port), 20, "the gateway")
+        with gateway(env, self.workdir / "spool-only.log", lambda: coap_answers(coap_port)) as gw:
             result, _ = measure("gateway, broker down", gw.pid, coap_port, self.devices,
-                                 self.duration_s)
+                                self.duration_s)
         result.note = "ingest into the spool only"
         return result
 
     def aiocoap_bare(self) -> Result:
         port = free_port(socket.SOCK_DGRAM)
-        with process([sys.executable, "-m", "gateway.bench.peers", "--port", str(port)],
-                      self.workdir / "aiocoap.log") as peer:
-            wait(lambda: udp_answers(port), 20, "the aiocoap server")
+        log = self.workdir / "aiocoap.log"
+        with child_process([sys.executable, "-m", "gateway.bench.peers", "--port", str(port)],
+                           log) as peer:
+            wait_ready(peer, "the aiocoap server", log, lambda: coap_answers(port))
             result, _ = measure("aiocoap (bare)", peer.pid, port, self.devices, self.duration_s)
         return result
 
@@ -223,24 +158,14 @@ class Bench:
         binary = shutil.which("coap-server-notls")
         if binary is None:
             return Result("libcoap", note="coap-server-notls missing: apt-get install libcoap3-bin")
-        with process([binary, "-A", "127.0.0.1", "-p", str(port), "-d", str(self.devices + 10),
-                       "-v", "0"], self.workdir / "libcoap.log") as peer:
-            wait(lambda: udp_answers(port), 20, "coap-server-notls")
+        log = self.workdir / "libcoap.log"
+        with child_process([binary, "-A", "127.0.0.1", "-p", str(port), "-d",
+                            str(self.devices + 10), "-v", "0"], log) as peer:
+            wait_ready(peer, "coap-server-notls", log, lambda: coap_answers(port))
             result, _ = measure("libcoap (C)", peer.pid, port, self.devices, self.duration_s,
-                                 method="PUT")
+                                method="PUT")
         result.note = "PUT to dynamic resources"
         return result
-
-
-def metric(port: int, name: str) -> float | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def read_delivered(path: Path) -> set[tuple[str, int]]:
