@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
@@ -137,8 +136,10 @@ def cmd_run(path: Path) -> int:
     async def main() -> int:
         return await Service(settings, path).run()
 
+    import uvloop  # +8 to 23 % uplinks/s over asyncio's loop, same runs (docs/decisions.md)
+
     try:
-        return asyncio.run(main())
+        return uvloop.run(main())
     except ConfigError as e:  # the registry, read by the service as it starts
         return _config_invalid(path, e)
     except (SpoolError, OSError) as e:
