@@ -280,6 +280,9 @@ class Settings(BaseSettings):
                 "spool": self.spool.model_copy(update={"path": spool_path}),
                 "registry": self.registry.model_copy(update={"path": anchor(self.registry.path)}),
                 "liveness": self.liveness.model_copy(update={"path": liveness_path}),
+                "mqtt": self.mqtt.model_copy(update={
+                    "tls_ca_file": anchor(self.mqtt.tls_ca_file) if self.mqtt.tls_ca_file
+                    else None}),
             }
         )
 

@@ -34,7 +34,6 @@ QUEUED, DELIVERED, CONFIRMED, EXPIRED, REJECTED = (
     "queued", "delivered", "confirmed", "expired", "rejected")
 
 
-
 @dataclass(slots=True)
 class Command:
     device_id: str
@@ -104,6 +103,7 @@ class Downlink:
         self._queues: dict[str, list[Command]] = {}
         self._upserts: dict[tuple[str, str], Command] = {}
         self._deletes: set[tuple[str, str]] = set()
+        self._saving = asyncio.Lock()
 
     async def load(self) -> None:
         for command in await asyncio.to_thread(self._store.load):
@@ -115,9 +115,6 @@ class Downlink:
     def replace_registry(self, registry: Registry) -> None:
         self._registry = registry
 
-    @property
-    def pending(self) -> int:
-        return sum(len(q) for q in self._queues.values())
 
     # -- from MQTT -------------------------------------------------------------------
     async def receive(self, device_type: str, device_id: str, payload: bytes) -> None:
@@ -138,6 +135,7 @@ class Downlink:
         queue[:] = [c for c in queue if c.command_id != command_id]  # a re-sent id replaces
         command = Command(device_id, command_id, body, time.time() + ttl_s)
         queue.append(command)
+        self._deletes.discard((device_id, command_id))  # a confirmed id may be used again
         self._upserts[(device_id, command_id)] = command
         await self.save()
         self._status(device_id, device_type, command_id, QUEUED, "")
@@ -180,11 +178,19 @@ class Downlink:
                 self._expire(command, device.device_type if device else "unknown")
 
     async def save(self) -> None:
-        if not self._upserts and not self._deletes:
-            return
-        upserts, deletes = list(self._upserts.values()), list(self._deletes)
-        self._upserts, self._deletes = {}, set()
-        await asyncio.to_thread(self._store.apply, upserts, deletes)
+        """Write the changes since the last save; one save at a time, in order."""
+        async with self._saving:
+            if not self._upserts and not self._deletes:
+                return
+            upserts, deletes = self._upserts, self._deletes
+            self._upserts, self._deletes = {}, set()
+            try:
+                await asyncio.to_thread(self._store.apply, list(upserts.values()), list(deletes))
+            except sqlite3.Error:
+                # Keep them for the next save, unless something newer replaced them.
+                self._upserts = {**upserts, **self._upserts}
+                self._deletes = (deletes - set(self._upserts)) | self._deletes
+                raise
 
     def _expire(self, command: Command, device_type: str) -> None:
         self._forget(command)

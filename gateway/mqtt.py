@@ -41,6 +41,7 @@ class Incoming:
     topic: str
     payload: bytes
     retain: bool
+    packet_id: bytes = b""  # QoS 1: acknowledge with `MqttClient.ack` once it is handled
 
 
 def _remaining_length(n: int) -> bytes:
@@ -92,13 +93,14 @@ class MqttClient(asyncio.Protocol):
         will: Will | None = None,
         tls: ssl.SSLContext | None = None,
         timeout_s: float = 10.0,
+        clean_session: bool = True,
     ) -> MqttClient:
         loop = asyncio.get_running_loop()
         client = cls(keepalive_s)
         try:
             async with asyncio.timeout(timeout_s):
                 await loop.create_connection(lambda: client, host, port, ssl=tls)
-                client._send_connect(client_id, username, password, will)
+                client._send_connect(client_id, username, password, will, clean_session)
                 await client._connack
         except TimeoutError:
             client.abort()
@@ -112,8 +114,8 @@ class MqttClient(asyncio.Protocol):
         return client
 
     def _send_connect(self, client_id: str, username: str | None, password: str | None,
-                      will: Will | None) -> None:
-        flags = 0x02  # clean session: the spool, not the broker, keeps what is unsent
+                      will: Will | None, clean_session: bool) -> None:
+        flags = 0x02 if clean_session else 0x00
         payload = _string(client_id)
         if will is not None:
             flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
@@ -209,7 +211,10 @@ class MqttClient(asyncio.Protocol):
     async def _keepalive(self) -> None:
         while not self.closed.done():
             self._heard_from_broker = False
-            self._write(_PINGREQ_PACKET)
+            try:
+                self._write(_PINGREQ_PACKET)
+            except MqttError:
+                return  # closed meanwhile: `closed` says why
             await asyncio.sleep(self.keepalive_s / 2)
             if not self._heard_from_broker:
                 self._fail(MqttError(f"broker silent for {self.keepalive_s / 2:.0f}s "
@@ -232,7 +237,8 @@ class MqttClient(asyncio.Protocol):
             self._connack.set_exception(error)
         for fut in self._suback.values():
             if not fut.done():
-                fut.cancel()
+                fut.set_exception(error)
+                fut.exception()  # retrieved: `_until` reports the closed connection
 
     def _write(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
@@ -285,11 +291,17 @@ class MqttClient(asyncio.Protocol):
         (topic_len,) = struct.unpack_from("!H", body)
         topic = body[2:2 + topic_len].decode("utf-8", "replace")
         pos = 2 + topic_len
+        packet_id = b""
         if qos:
             packet_id = body[pos:pos + 2]
             pos += 2
-            self._write(bytes((PUBACK, 2)) + packet_id)
-        self.messages.put_nowait(Incoming(topic, body[pos:], bool(first & 0x01)))
+        self.messages.put_nowait(Incoming(topic, body[pos:], bool(first & 0x01), packet_id))
+
+    def ack(self, message: Incoming) -> None:
+        """PUBACK a QoS 1 message: until then the broker keeps it (and, in a persistent
+        session, sends it again after a reconnect)."""
+        if message.packet_id and not self.closed.done():
+            self._write(bytes((PUBACK, 2)) + message.packet_id)
 
 
 def _fixed_header(buf: bytearray, pos: int) -> tuple[int, int, int] | None:

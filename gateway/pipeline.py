@@ -23,7 +23,7 @@ from gateway.liveness import Liveness
 from gateway.metrics import Metrics
 from gateway.model import Record, Uplink, Verdict
 from gateway.registry import Device, Registry
-from gateway.replay import ReplayWindow, Seen
+from gateway.replay import ReplayWindow, Seen, SeqAccept
 from gateway.schema import Report, SchemaViolation, TypeSchema, build_schemas
 from gateway.spool import Spool, record_size
 from gateway.timefmt import rfc3339_ms
@@ -121,10 +121,6 @@ class Pipeline:
         self._settings = settings
         self._metrics.registry_devices.set(len(registry))
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     # -- the one entry point ---------------------------------------------------------
     def submit(self, uplink: Uplink, reply: Reply) -> None:
         self._metrics.uplinks_received.inc()
@@ -189,7 +185,6 @@ class Pipeline:
             raise UplinkRejected(C.BAD_REQUEST, "bad_payload", e.detail) from None
         except SchemaViolation as e:
             raise UplinkRejected(C.BAD_REQUEST, e.reason, e.detail) from None
-        self._liveness.seen(device, uplink.received_at)
 
         seq, seen = report.seq, Seen.NEW
         if seq is not None:
@@ -201,6 +196,7 @@ class Pipeline:
             seen = self._seqs.check(device.device_id, seq, report.device_time)
             if seen is Seen.DUPLICATE:
                 self._metrics.uplinks_duplicate.inc()
+                self._liveness.seen(device, uplink.received_at)
                 reply(self._accepted(device, uplink))
                 return
             if seen is Seen.STALE:
@@ -220,14 +216,14 @@ class Pipeline:
             raise UplinkRejected(C.SERVICE_UNAVAILABLE, "overloaded", "overloaded, retry later",
                                  max_age_s=self._overload_max_age_s)
         self._in_flight += 1
-        seq_state = None
+        accepted_seq: SeqAccept | None = None
         if seq is not None:
             self._pending[(device.device_id, seq)] = []
             if seen is Seen.RESET:
                 log.info("device %s restarted its seq at %d (device time moved forward)",
                          device.device_id, seq)
-            seq_state = (device.device_id,
-                         self._seqs.accept(device.device_id, seq, report.device_time, seen))
+            self._seqs.accept(device.device_id, seq, report.device_time, seen)
+            accepted_seq = (device.device_id, seq, report.device_time, seen)
 
         def on_durable(ok: bool) -> None:
             self._in_flight -= 1
@@ -237,6 +233,7 @@ class Pipeline:
                 if not ok:
                     self._seqs.forget(device.device_id, seq)
             if ok:
+                self._liveness.seen(device, uplink.received_at)
                 self._metrics.uplinks_accepted.inc()
                 self._metrics.uplink_ack_seconds.observe(time.monotonic() - uplink.received_mono)
                 if report.ack is not None:
@@ -250,7 +247,7 @@ class Pipeline:
             for waiter in waiters:
                 waiter(verdict)
 
-        self._spool.append(record, on_durable, seq_state)
+        self._spool.append(record, on_durable, accepted_seq)
 
     def _accepted(self, device: Device, uplink: Uplink) -> Verdict:
         """2.04, carrying the device's next downlink command if one waits."""

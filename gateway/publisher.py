@@ -87,6 +87,9 @@ class Publisher:
             password=password,
             will=Will(self._status_topic, b"offline", qos=1, retain=True),
             tls=tls_context,
+            # A persistent session: commands published for devices while the gateway is
+            # away wait in the broker. Our own QoS 1 publishes are re-sent from the spool.
+            clean_session=False,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -194,11 +197,15 @@ class Publisher:
             if len(parts) != 5 or message.retain:
                 log.warning("ignored %s command on %s", "a retained" if message.retain else
                             "an unexpected", message.topic)
+                client.ack(message)
                 continue
             try:
                 await handle(parts[2], parts[3], message.payload)
             except Exception:  # task boundary: one bad command must not stop the rest
-                log.exception("downlink command on %s failed", message.topic)
+                # Not acknowledged: the broker sends it again after the next reconnect.
+                log.exception("downlink command on %s could not be stored", message.topic)
+                continue
+            client.ack(message)  # stored: a crash before this, and the broker sends it again
 
     def _on_ack(self, record: Record, sent_at: float) -> None:
         self._metrics.mqtt_published.inc()

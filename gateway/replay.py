@@ -25,6 +25,8 @@ class Seen(enum.Enum):
 
 # What is saved per device: (high-water mark, bitmap of hwm..hwm-63, last device time).
 SeqState = tuple[int, int, float | None]
+# One accepted uplink, as the spool's writer replays it: (device, seq, ts, what check said)
+SeqAccept = tuple[str, int, float | None, Seen]
 
 
 @dataclass(slots=True)
@@ -45,14 +47,17 @@ class ReplayWindow:
         s = self._state.get(device_id)
         if s is None or seq > s.hwm:
             return Seen.NEW
+        clock_moved_on = ts is not None and s.last_ts is not None and ts > s.last_ts
         if s.hwm - seq < WINDOW:
-            return Seen.DUPLICATE if s.bitmap >> (s.hwm - seq) & 1 else Seen.NEW
-        if ts is not None and s.last_ts is not None and ts > s.last_ts:
-            return Seen.RESET
-        return Seen.STALE
+            if not s.bitmap >> (s.hwm - seq) & 1:
+                return Seen.NEW
+            # A retransmission carries the time it was sent with, never a newer one than
+            # the newest accepted: a newer time on a seen seq is a restarted counter.
+            return Seen.RESET if clock_moved_on else Seen.DUPLICATE
+        return Seen.RESET if clock_moved_on else Seen.STALE
 
-    def accept(self, device_id: str, seq: int, ts: float | None, seen: Seen) -> SeqState:
-        """Record seq as accepted; returns the device's new state (to be saved)."""
+    def accept(self, device_id: str, seq: int, ts: float | None, seen: Seen) -> None:
+        """Record seq as accepted (`seen` is what `check` said of it)."""
         s = self._state.get(device_id)
         if s is None or seen is Seen.RESET:
             s = self._state[device_id] = _DeviceSeqs(seq, 1, ts)
@@ -63,7 +68,17 @@ class ReplayWindow:
             s.bitmap |= 1 << (s.hwm - seq)
         if ts is not None and (s.last_ts is None or ts > s.last_ts):
             s.last_ts = ts
-        return s.hwm, s.bitmap, s.last_ts
+
+    def snapshot(self, device_id: str) -> SeqState | None:
+        s = self._state.get(device_id)
+        return None if s is None else (s.hwm, s.bitmap, s.last_ts)
+
+    def restore(self, device_id: str, state: SeqState | None) -> None:
+        """Put back a snapshot (a transaction that carried later accepts rolled back)."""
+        if state is None:
+            self._state.pop(device_id, None)
+        else:
+            self._state[device_id] = _DeviceSeqs(*state)
 
     def hwm(self, device_id: str) -> int | None:
         s = self._state.get(device_id)

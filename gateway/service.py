@@ -249,9 +249,22 @@ class Service:
         log.info("stopping: answering 5.03 to new uplinks, committing those in flight")
         if self._pipeline is not None:
             self._pipeline.accepting = False
-        if self._spool is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._spool.wait_committed(), COMMIT_WAIT_S)
+        try:
+            await self._stop_stages()
+        finally:
+            # Whatever failed above, the spool's writer thread must stop, or the process
+            # never exits; what it holds stays for the next start.
+            left = self._spool.records
+            await self._spool.close()
+            log.info("stopped; %d records remain spooled for the next start", left)
+            if self._metrics_server is not None:
+                await self._metrics_server.close()
+            await self._notifier.stop()  # pings until here: a drain that hangs is noticed too
+
+    async def _stop_stages(self) -> None:
+        assert self._spool is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._spool.wait_committed(), COMMIT_WAIT_S)
         if self._coap is not None:
             self._coap.close()
         if self._dtls is not None:
@@ -270,12 +283,5 @@ class Service:
             except TimeoutError:
                 log.warning("broker drain did not finish in %.0fs; the rest stays spooled",
                             self.settings.gateway.shutdown_grace_s)
-            except Exception:
+            except (Exception, asyncio.CancelledError):  # the publisher's own end, not ours
                 log.exception("publisher failed during shutdown")
-        if self._spool is not None:
-            left = self._spool.records
-            await self._spool.close()
-            log.info("stopped; %d records remain spooled for the next start", left)
-        if self._metrics_server is not None:
-            await self._metrics_server.close()
-        await self._notifier.stop()  # pings until here: a drain that hangs is noticed too

@@ -15,18 +15,19 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gateway.model import Record
-from gateway.replay import SeqState
+from gateway.replay import ReplayWindow, SeqAccept, SeqState
 
 log = logging.getLogger(__name__)
 
 OnDurable = Callable[[bool], None]
-# What the pipeline appends: the record, who waits for it, and the device's seq state
-# after this record (saved in the same transaction, so replay protection survives a crash).
-_Append = tuple[Record, OnDurable | None, tuple[str, SeqState] | None]
+# What the pipeline appends: the record, who waits for it, and the seq it accepts. The
+# writer replays those accepts on its own window and saves the result in the same
+# transaction as the records, so the saved state holds exactly what was committed.
+_Append = tuple[Record, OnDurable | None, SeqAccept | None]
 # Bytes counted per row beyond topic and payload: rowid, b-tree cell, WAL frame share.
 ROW_OVERHEAD_BYTES = 32
 # Committed records are also kept in memory for the publisher, up to this much; past it
@@ -56,6 +57,15 @@ _UPSERT_SEQ = (
 
 def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _seq_rows(window: ReplayWindow, devices: Iterable[str]
+              ) -> Iterator[tuple[str, int, int, float | None]]:
+    for device_id in devices:
+        state = window.snapshot(device_id)
+        if state is not None:
+            hwm, bitmap, last_ts = state
+            yield device_id, hwm, _signed64(bitmap), last_ts
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -100,7 +110,6 @@ class Spool:
         self._deletes_pending = 0  # ids queued for deletion, not yet committed
         self._deleted = asyncio.Event()
         self._deleted.set()
-        self.commits = 0  # batches committed, for metrics
         self.on_commit: Callable[[int, float], None] | None = None  # (records, seconds)
         self.seq_states: dict[str, SeqState] = {}  # as saved, read once at open
 
@@ -132,6 +141,7 @@ class Spool:
         except (OSError, sqlite3.Error) as e:
             raise SpoolError(f"cannot open spool {self.path}: {e}") from e
         self._records = count
+        self._saved_seqs = ReplayWindow(self.seq_states)  # the writer thread's own copy
         self._mem_from_id = last_id + 1  # older records are read from the file
         self._bytes = size + count * ROW_OVERHEAD_BYTES
         self._reader = _connect(self.path)
@@ -167,13 +177,13 @@ class Spool:
         return self._bytes + nbytes <= self.max_bytes
 
     def append(self, record: Record, on_durable: OnDurable | None,
-               seq_state: tuple[str, SeqState] | None = None) -> None:
+               accepted_seq: SeqAccept | None = None) -> None:
         """Queue a record; `on_durable(True)` runs on the loop once it is committed.
-        `seq_state` (device id, state) is saved in the same transaction."""
+        `accepted_seq` updates the device's saved replay window in the same transaction."""
         self._bytes += record_size(record)
         self._uncommitted += 1
         self._drained.clear()
-        self._queue.put((record, on_durable, seq_state))
+        self._queue.put((record, on_durable, accepted_seq))
 
     async def wait_committed(self) -> None:
         """Return once everything appended so far is durable (or failed)."""
@@ -285,6 +295,14 @@ class Spool:
         started = time.perf_counter()
         ok = True
         last_id = 0
+        window = self._saved_seqs
+        before: dict[str, SeqState | None] = {}  # to roll the window back with the transaction
+        for _, _, accepted in batch:
+            if accepted is not None:
+                device_id = accepted[0]
+                if device_id not in before:
+                    before[device_id] = window.snapshot(device_id)
+                window.accept(*accepted)
         try:
             db.execute("BEGIN")
             if deletions:
@@ -295,16 +313,17 @@ class Spool:
             )
             # One writer and AUTOINCREMENT: the batch got consecutive ids ending here.
             (last_id,) = db.execute("SELECT last_insert_rowid()").fetchone()
-            seqs = dict(seq_state for _, _, seq_state in batch if seq_state is not None)
-            if seqs:
-                db.executemany(_UPSERT_SEQ, ((d, hwm, _signed64(bitmap), ts)
-                                             for d, (hwm, bitmap, ts) in seqs.items()))
+            if before:
+                db.executemany(_UPSERT_SEQ, _seq_rows(window, before))
             db.execute("COMMIT")
         except sqlite3.Error as e:
             ok = False
-            log.error("spool commit of %d records failed: %s", len(batch), e)
+            log.error("spool commit of %d records failed: %s; their devices were answered 5.03 "
+                      "and will retry", len(batch), e)
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
+            for device_id, state in before.items():
+                window.restore(device_id, state)
         elapsed = time.perf_counter() - started
         assert self._loop is not None
         first_id = last_id - len(batch) + 1 if ok else 0
@@ -322,7 +341,6 @@ class Spool:
             self._deleted.set()
         if ok:
             self._records += len(batch)
-            self.commits += 1
             if batch:
                 self._remember(batch, first_id)
                 self._appended.set()
@@ -330,8 +348,14 @@ class Spool:
             self._bytes -= sum(record_size(r) for r, _, _ in batch)
         if self.on_commit is not None and batch:
             self.on_commit(len(batch), elapsed)
-        for _, on_durable, _ in batch:
-            if on_durable is not None:
-                on_durable(ok)
-        if not self._uncommitted:
-            self._drained.set()
+        try:
+            for _, on_durable, _ in batch:
+                if on_durable is None:
+                    continue
+                try:
+                    on_durable(ok)
+                except Exception:  # one broken callback must not strand the rest
+                    log.exception("callback of a committed spool record failed")
+        finally:
+            if not self._uncommitted:
+                self._drained.set()

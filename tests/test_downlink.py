@@ -107,3 +107,34 @@ def test_bad_commands_are_rejected_with_a_reason(
     assert [m["reason"] for m in rejected] == [
         "not JSON", 'needs an "id": a string of 1 to 64 characters', "no device nobody of type env_th"]
     assert uplink(gateway, {"seq": 1, "temperature": 20.0}).payload == b""
+
+
+def test_command_published_while_the_gateway_is_stopped_waits_in_the_broker(
+    gateway: Gateway, broker: Broker, subscribe: Callable[[str], Subscription]
+) -> None:
+    acks = subscribe(f"{DOWN}/ack")
+    assert gateway.stop() == 0  # its session (and subscription) stays in the broker
+
+    publish_command(broker, {"id": "while-away", "set": {"report_interval_s": 120}})
+    gateway.start()
+
+    assert states(acks, 1) == [("while-away", "queued")]
+    assert json.loads(uplink(gateway, {"seq": 1, "temperature": 20.0}).payload)["id"] == \
+        "while-away"
+
+
+def test_a_confirmed_commands_id_can_be_used_again_and_survives_a_restart(
+    gateway: Gateway, broker: Broker, subscribe: Callable[[str], Subscription]
+) -> None:
+    acks = subscribe(f"{DOWN}/ack")
+    publish_command(broker, {"id": "same", "set": {"x": 1}})
+    states(acks, 1)
+    uplink(gateway, {"seq": 1, "temperature": 20.0})
+    uplink(gateway, {"seq": 2, "temperature": 20.0, "ack": "same"})
+    publish_command(broker, {"id": "same", "set": {"x": 2}})
+    states(acks, 4)  # queued, delivered, confirmed, queued again
+    assert gateway.stop() == 0
+
+    gateway.start()
+
+    assert json.loads(uplink(gateway, {"seq": 3, "temperature": 20.0}).payload)["set"] == {"x": 2}

@@ -313,3 +313,22 @@ def test_dead_letter_names_the_device_and_keeps_raw_bytes(
     assert dead_letter["device_known"] is True
     assert dead_letter["content_format"] == 50
     assert base64.b64decode(dead_letter["payload_b64"]) == raw
+
+
+def test_overlong_content_format_option_is_ignored_not_an_internal_error(gateway: Gateway) -> None:
+    # RFC 7252 5.4.3: an elective option longer than its format allows is ignored; a
+    # 2,000-byte value must not become a 4,800-digit number somewhere inside the gateway.
+    # (aiocoap will not encode such an option, so this one datagram is built by hand.)
+    from gateway.coap import wire
+
+    options = [(11, b"up"), (11, TH.device_id.encode()), (12, b"\x01" * 2000),
+               (15, f"k={TH.token}".encode())]
+    datagram = wire.encode(wire.Message(0, 2, 777, b"\x07", options,
+                                        b'{"seq": 1, "temperature": 20.0}'))
+
+    with RawCoap(gateway.coap_port) as device:
+        device.send(datagram)
+        reply = device.receive()
+
+    assert reply.code == aiocoap.CHANGED  # read as JSON, the default
+    assert gateway.metric("nbiot_gateway_uplinks_rejected_total", {"reason": "internal_error"}) == 0

@@ -41,6 +41,17 @@ def test_a_counter_restart_is_accepted_only_with_a_newer_device_time() -> None:
     assert window.check("d", 2, None) is Seen.NEW
 
 
+def test_a_counter_restart_inside_the_window_is_told_apart_by_a_newer_time() -> None:
+    window = ReplayWindow()
+    for seq in range(11):
+        window.accept("d", seq, 1_000.0 + seq, Seen.NEW)
+
+    assert window.check("d", 0, 1_000.0) is Seen.DUPLICATE  # a late retransmission
+    assert window.check("d", 0, 5_000.0) is Seen.RESET  # the device rebooted
+    window.accept("d", 0, 5_000.0, Seen.RESET)
+    assert window.check("d", 1, 5_001.0) is Seen.NEW
+
+
 def test_forget_undoes_an_accept_whose_commit_failed() -> None:
     window = ReplayWindow()
     window.accept("d", 7, None, Seen.NEW)
@@ -52,7 +63,9 @@ def test_forget_undoes_an_accept_whose_commit_failed() -> None:
 def test_state_round_trips_through_its_saved_form() -> None:
     window = ReplayWindow()
     for seq in (1, 3, 64, 65):
-        state = window.accept("d", seq, 5.0, Seen.NEW)
+        window.accept("d", seq, 5.0, Seen.NEW)
+    state = window.snapshot("d")
+    assert state is not None
 
     restored = ReplayWindow({"d": state})
 

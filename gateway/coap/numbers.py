@@ -53,7 +53,6 @@ UNDERSTOOD_OPTIONS = frozenset({
 
 # RFC 7252 4.8.2, with the default transmission parameters.
 EXCHANGE_LIFETIME_S = 247.0
-NON_LIFETIME_S = 145.0
 CONTENT_FORMAT_TEXT = 0
 
 

@@ -138,7 +138,10 @@ class CoapServer(asyncio.DatagramProtocol):
             elif number == C.URI_QUERY:
                 query.append(value.decode("utf-8", "replace"))
             elif number == C.CONTENT_FORMAT:
-                content_format = wire.uint_of(value)
+                # RFC 7252 5.4.3: a value longer than the option's 0-2 bytes makes it an
+                # unrecognized option; an elective one is then ignored (JSON is assumed).
+                if len(value) <= 2:
+                    content_format = wire.uint_of(value)
             elif number == C.BLOCK1:
                 try:
                     block1 = wire.Block.parse(value)
@@ -147,7 +150,8 @@ class CoapServer(asyncio.DatagramProtocol):
                     bad_option = bad_option or UplinkRejected(
                         C.BAD_OPTION, "bad_option", "Block1 longer than 3 bytes")
             elif number == C.SIZE1:
-                size1 = wire.uint_of(value)
+                if len(value) <= 4:  # likewise: 0-4 bytes, else ignored
+                    size1 = wire.uint_of(value)
             elif number == C.PROXY_URI or number == C.PROXY_SCHEME:
                 bad_option = bad_option or UplinkRejected(
                     C.PROXYING_NOT_SUPPORTED, "proxying_not_supported", "no proxying")
@@ -311,10 +315,6 @@ class CoapServer(asyncio.DatagramProtocol):
             self._replies.pop(old, None)
         self._replies[key] = data
         expiry.append((now + C.EXCHANGE_LIFETIME_S, key))
-
-    @property
-    def reply_cache_size(self) -> int:
-        return len(self._replies)
 
 
 def _fmt(addr: Address) -> str:

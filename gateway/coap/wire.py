@@ -31,9 +31,6 @@ class Message:
                 return value
         return None
 
-    def option_values(self, number: int) -> list[bytes]:
-        return [value for num, value in self.options if num == number]
-
 
 def decode(data: bytes) -> Message:
     n = len(data)

@@ -23,7 +23,6 @@ DECODERS: dict[int, Callable[[bytes], Decoded]] = {
     SENML_JSON: senml.decode_json,
     SENML_CBOR: senml.decode_cbor,
 }
-SUPPORTED = frozenset(DECODERS)
 
 __all__ = ["CBOR", "DECODERS", "DEFAULT_CONTENT_FORMAT", "JSON", "SENML_CBOR", "SENML_JSON",
-           "SUPPORTED", "DecodeError", "Decoded"]
+           "DecodeError", "Decoded"]
