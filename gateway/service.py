@@ -194,11 +194,11 @@ class Service:
     def _ready(self) -> tuple[bool, str]:
         if (self._coap is None and self._dtls is None) or self._spool is None or self.stop.is_set():
             return False, "not accepting uplinks"
+        if not self._spool.has_room(1024):
+            return False, "spool full: uplinks get 5.03"
         if self._publisher is not None and self._publisher.connected:
             return True, "ready: broker connected"
-        if self._spool.has_room(1024):
-            return True, "ready: broker disconnected, spooling"
-        return False, "broker disconnected and spool full"
+        return True, "ready: broker disconnected, spooling"
 
     # -- running ---------------------------------------------------------------------
     async def main_loop(self) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -279,6 +281,10 @@ def test_full_spool_answers_5_03_with_max_age(
     assert reply.payload == b"spool full, retry later"
     assert gateway.metric(REJECTED, {"reason": "spool_full"}) == 1
     assert gateway.metric("nbiot_gateway_uplinks_accepted_total") == len(codes) - 1
+    with pytest.raises(urllib.error.HTTPError) as not_ready:
+        urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/readyz", timeout=5)
+    assert not_ready.value.code == 503
+    assert not_ready.value.read() == b"spool full: uplinks get 5.03\n"
 
 
 def test_dead_letters_leave_spool_space_for_valid_uplinks(

@@ -45,10 +45,10 @@ PROXY_SCHEME = int(OptionNumber.PROXY_SCHEME)
 NO_RESPONSE = int(OptionNumber.NO_RESPONSE)
 
 # Options this server understands; an unknown *critical* (odd) option is 4.02 (RFC 7252 5.4.1).
+# If-Match and If-None-Match are critical and not evaluated here, so they get 4.02 too.
 UNDERSTOOD_OPTIONS = frozenset({
-    int(OptionNumber.IF_MATCH), URI_HOST, int(OptionNumber.ETAG), int(OptionNumber.IF_NONE_MATCH),
-    int(OptionNumber.OBSERVE), URI_PORT, URI_PATH, CONTENT_FORMAT, MAX_AGE, URI_QUERY, ACCEPT,
-    BLOCK1, BLOCK2, SIZE1, SIZE2, NO_RESPONSE,
+    URI_HOST, int(OptionNumber.ETAG), int(OptionNumber.OBSERVE), URI_PORT, URI_PATH,
+    CONTENT_FORMAT, MAX_AGE, URI_QUERY, ACCEPT, BLOCK1, BLOCK2, SIZE1, SIZE2, NO_RESPONSE,
 })
 
 # RFC 7252 4.8.2, with the default transmission parameters.
