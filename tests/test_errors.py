@@ -338,3 +338,22 @@ def test_overlong_content_format_option_is_ignored_not_an_internal_error(gateway
 
     assert reply.code == aiocoap.CHANGED  # read as JSON, the default
     assert gateway.metric("nbiot_gateway_uplinks_rejected_total", {"reason": "internal_error"}) == 0
+
+
+def test_block1_out_of_order_gets_4_08_counted_and_kept(
+    gateway: Gateway, subscribe: Callable[[str], Subscription]
+) -> None:
+    sub = subscribe("nbiot/plant/invalid")
+    with RawCoap(gateway.coap_port) as device:
+        first = uplink_request(gateway.uri(TH), b" " * 64)
+        first.opt.block1 = BlockOption.BlockwiseTuple(0, True, 2)
+        assert device.exchange(first).code == aiocoap.CONTINUE
+        skipped = uplink_request(gateway.uri(TH), b" " * 64)
+        skipped.opt.block1 = BlockOption.BlockwiseTuple(2, True, 2)  # block 1 never came
+        reply = device.exchange(skipped)
+
+    assert reply.code == aiocoap.REQUEST_ENTITY_INCOMPLETE
+    assert reply.payload == b"block out of order; restart at block 0"
+    assert gateway.metric(REJECTED, {"reason": "block_out_of_order"}) == 1
+    (dead,) = sub.wait_count(1, "/invalid")
+    assert (dead["reason"], dead["code"]) == ("block_out_of_order", "4.08")

@@ -191,9 +191,13 @@ class CoapServer(asyncio.DatagramProtocol):
             if (size1 or 0) > self._max_payload:
                 self._sink.reject(uplink, too_large, reply)
                 return
-            body = self._block1(msg, addr, key, block1, path, query)
+            try:
+                body = self._block1(msg, addr, key, block1, path, query)
+            except UplinkRejected as out_of_order:
+                self._sink.reject(uplink, out_of_order, reply)
+                return
             if body is None:
-                return  # answered 2.31 Continue or 4.08
+                return  # answered 2.31 Continue
             if len(body) > self._max_payload:
                 self._sink.reject(uplink, too_large, reply)
                 return
@@ -226,9 +230,8 @@ class CoapServer(asyncio.DatagramProtocol):
         if transfer is None or offset != len(transfer.body) or (block.more and
                                                                  len(msg.payload) != block.size):
             self._blocks.pop(transfer_key, None)
-            self._reply_code(msg, addr, key, C.REQUEST_ENTITY_INCOMPLETE,
-                             b"block out of order; restart at block 0", block)
-            return None
+            raise UplinkRejected(C.REQUEST_ENTITY_INCOMPLETE, "block_out_of_order",
+                                 "block out of order; restart at block 0")
         transfer.body += msg.payload
         if len(transfer.body) > self._max_payload:
             self._blocks.pop(transfer_key, None)
@@ -246,17 +249,6 @@ class CoapServer(asyncio.DatagramProtocol):
             del self._blocks[next(iter(self._blocks))]
 
     # -- replying --------------------------------------------------------------------
-    def _reply_code(
-        self,
-        msg: wire.Message,
-        addr: Address,
-        key: tuple[Address, int],
-        code: int,
-        diagnostic: bytes,
-        block: wire.Block | None = None,
-    ) -> None:
-        self._respond(msg, addr, key, Verdict(code, diagnostic, C.CONTENT_FORMAT_TEXT), block)
-
     def _respond(
         self,
         request: wire.Message,
