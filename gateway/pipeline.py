@@ -41,32 +41,15 @@ def diagnostic_payload(detail: str) -> bytes:
     return detail.encode()[:DIAGNOSTIC_MAX_BYTES].decode("utf-8", "ignore").encode()
 
 
-class TokenBucket:
-    """A rate limit: `rate` per second, bursts up to `burst`."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self._tokens, self._at = burst, time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-
-class DeviceRateLimit:
-    """A token bucket per device, kept as two floats in one dict (no object per device)."""
+class RateLimit:
+    """A token bucket per key (a device id), two floats in one dict (no object per key)."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, float(burst)
         self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
 
     def retry_after_s(self, device_id: str, now: float) -> int | None:
-        """None if the device may send now (a token is taken), else seconds to wait."""
+        """None if the key may send now (a token is taken), else seconds to wait."""
         if not self.rate:
             return None
         tokens, at = self._buckets.get(device_id, (self.burst, now))
@@ -99,11 +82,12 @@ class Pipeline:
         # (device, seq) being committed now -> replies waiting for that commit
         self._pending: dict[tuple[str, int], list[Reply]] = {}
         limits = settings.limits
-        self._rate_limit = DeviceRateLimit(limits.per_device_rate, limits.per_device_burst)
+        self._rate_limit = RateLimit(limits.per_device_rate, limits.per_device_burst)
         self._in_flight = 0
         self._max_in_flight = limits.max_in_flight
-        self._dead_letter_budget = TokenBucket(limits.dead_letters_per_s,
-                                               5 * limits.dead_letters_per_s)
+        # One bucket, keyed "": dead letters per second, bursts of 5 s.
+        self._dead_letter_budget = RateLimit(limits.dead_letters_per_s,
+                                             max(1, round(5 * limits.dead_letters_per_s)))
         self.accepting = True
         # Set while the event loop runs late (a storm): answering 5.03 costs far less than
         # an uplink, and beats the kernel dropping datagrams from a full socket buffer.
@@ -308,7 +292,8 @@ class Pipeline:
         # Dead letters may use at most 90% of the spool and a bounded rate, so a flood of
         # garbage can never push valid uplinks into 5.03.
         size = record_size(record) + self._spool.max_bytes // 10
-        if self._spool.has_room(size) and self._dead_letter_budget.take():
+        if (self._spool.has_room(size)
+                and self._dead_letter_budget.retry_after_s("", time.monotonic()) is None):
             self._metrics.dead_letters.inc()
             self._spool.append(record, None)
         else:

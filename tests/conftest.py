@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from gateway.localstack import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "gateway.toml"
 DEADLINE_S = 20.0
@@ -35,13 +37,6 @@ def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE_S, what: st
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(0.05)
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def popen_logged(args: list[str], log_path: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
