@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway import gctune
 from gateway.coap.server import CoapServer, bind_udp
 from gateway.config import Settings, load_config
 from gateway.downlink import Downlink, DownlinkStore
@@ -69,6 +70,7 @@ class Service:
     async def startup(self) -> None:
         s = self.settings
         started = time.monotonic()
+        gctune.tune()
         registry = load_registry(s.registry.path, s.types)
         self._spool = spool = Spool(s.spool.path, s.spool.max_bytes, s.spool.max_batch)
         spool.open()
@@ -123,6 +125,7 @@ class Service:
                  s.gateway.id, ", ".join(listening), len(registry), len(s.types), s.spool.path,
                  spool.records, s.mqtt.host, s.mqtt.port, metrics_where,
                  time.monotonic() - started)
+        gctune.settle()  # what startup built stays out of every later collection
         self._notifier.send("READY=1\n" + self._status_line())
         self._notifier.start()
 
@@ -239,6 +242,7 @@ class Service:
                 self._dtls.replace_keys(registry)
                 self._warn_no_psk()
             log.info("reloaded registry %s: %d devices", settings.registry.path, len(registry))
+            gctune.settle()
         self._notifier.send("READY=1")
 
     # -- shutdown --------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""The spool on a real SQLite file: batches larger than one multi-row statement, deletions
+out of order, and the replay state saved with the records, all read back after a reopen."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from gateway.model import Record
+from gateway.replay import Seen
+from gateway.spool import MAX_ROWS_PER_STATEMENT, Spool, _id_ranges
+
+COUNT = 2 * MAX_ROWS_PER_STATEMENT + 277  # several chunks and a remainder of odd size
+
+
+def stored(path: Path) -> list[tuple[int, str, bytes, int]]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT id, topic, payload, retain FROM records ORDER BY id").fetchall()
+
+
+async def append_all(spool: Spool, records: list[Record], devices: int = 0) -> list[bool]:
+    outcomes: list[bool] = []
+    for i, record in enumerate(records):
+        accepted = (f"dev-{i % devices}", i, 1000.0 + i, Seen.NEW) if devices else None
+        spool.append(record, outcomes.append, accepted)
+    await spool.wait_committed()
+    return outcomes
+
+
+async def test_a_large_batch_is_stored_in_order_with_consecutive_ids(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite"
+    records = [Record(f"t/{i}", b"payload-%d" % i, retain=i % 7 == 0) for i in range(COUNT)]
+    async with Spool(path, 1 << 30, max_batch=COUNT) as spool:
+        assert await append_all(spool, records) == [True] * COUNT
+        assert spool.records == COUNT
+        read = await spool.read_after(0, COUNT + 10)
+    rows = stored(path)
+    assert [(topic, payload, bool(retain)) for _, topic, payload, retain in rows] == [
+        (r.topic, r.payload, r.retain) for r in records]
+    ids = [row[0] for row in rows]
+    assert ids == list(range(ids[0], ids[0] + COUNT))
+    assert [r.spool_id for r in read] == ids
+
+
+async def test_deletions_out_of_order_remove_exactly_those_records(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite"
+    records = [Record("t", b"%d" % i) for i in range(COUNT)]
+    async with Spool(path, 1 << 30, max_batch=COUNT) as spool:
+        await append_all(spool, records)
+        read = await spool.read_after(0, COUNT)
+        doomed = read[::3] + read[500:900]  # scattered, then a run, overlapping
+        doomed_ids = {r.spool_id for r in doomed}
+        unique = [r for r in read if r.spool_id in doomed_ids]
+        spool.delete(list(reversed(unique)))
+        await spool.wait_deleted()
+        assert spool.records == COUNT - len(unique)
+    kept = [row[0] for row in stored(path)]
+    assert kept == [r.spool_id for r in read if r.spool_id not in doomed_ids]
+
+
+async def test_replay_state_of_many_devices_survives_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite"
+    devices = MAX_ROWS_PER_STATEMENT + 3
+    records = [Record("t", b"x")] * COUNT
+    async with Spool(path, 1 << 30, max_batch=COUNT) as spool:
+        await append_all(spool, records, devices)
+    reopened = Spool(path, 1 << 30)
+    reopened.open()
+    try:
+        assert len(reopened.seq_states) == devices
+        for d in range(devices):
+            last = max(i for i in range(COUNT) if i % devices == d)
+            hwm, bitmap, last_ts = reopened.seq_states[f"dev-{d}"]
+            assert (hwm, last_ts) == (last, 1000.0 + last)
+            assert bitmap & 1  # the high-water mark itself was accepted
+    finally:
+        await reopened.close()
+
+
+def test_id_ranges_cover_exactly_the_ids() -> None:
+    assert _id_ranges([7, 3, 4, 5, 9, 10, 1]) == [(1, 1), (3, 5), (7, 7), (9, 10)]
+    assert _id_ranges([]) == []
+
+
+async def test_a_failed_commit_answers_false_and_keeps_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite"
+    async with Spool(path, 1 << 30) as spool:
+        with sqlite3.connect(path) as db:  # make every insert fail inside the transaction
+            db.execute("CREATE TRIGGER refuse BEFORE INSERT ON records "
+                       "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+        outcomes = await append_all(spool, [Record("t", b"%d" % i) for i in range(600)])
+        await asyncio.sleep(0)
+        assert outcomes == [False] * 600
+        assert spool.records == 0
+    assert stored(path) == []
