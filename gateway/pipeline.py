@@ -20,11 +20,12 @@ from gateway.config import Settings
 from gateway.downlink import Downlink
 from gateway.errors import UplinkRejected
 from gateway.liveness import Liveness
+from gateway.message import MessageFormat
 from gateway.metrics import Metrics
 from gateway.model import Record, Uplink, Verdict
 from gateway.registry import Device, Registry
 from gateway.replay import ReplayWindow, Seen, SeqAccept
-from gateway.schema import Report, SchemaViolation, TypeSchema, build_schemas
+from gateway.schema import SchemaViolation, TypeSchema, build_schemas
 from gateway.spool import Spool, record_size
 from gateway.timefmt import rfc3339_ms
 
@@ -61,6 +62,11 @@ class RateLimit:
         return max(1, math.ceil((1 - tokens) / self.rate))
 
 
+def message_format(settings: Settings, schemas: dict[str, TypeSchema]) -> MessageFormat:
+    return MessageFormat(settings.gateway.tenant, settings.gateway.id,
+                         {name: schema.units for name, schema in schemas.items()})
+
+
 class Pipeline:
     def __init__(
         self,
@@ -78,6 +84,7 @@ class Pipeline:
         self._liveness = liveness
         self._downlink = downlink
         self._schemas: dict[str, TypeSchema] = build_schemas(settings.types)
+        self._format = message_format(settings, self._schemas)
         self._seqs = ReplayWindow(spool.seq_states)
         # (device, seq) being committed now -> replies waiting for that commit
         self._pending: dict[tuple[str, int], list[Reply]] = {}
@@ -101,6 +108,7 @@ class Pipeline:
     def replace_registry(self, registry: Registry, settings: Settings) -> None:
         """Swap in a reloaded registry and types; uplinks in flight keep their verdicts."""
         self._schemas = build_schemas(settings.types)
+        self._format = message_format(settings, self._schemas)
         self._registry = registry
         self._settings = settings
         self._metrics.registry_devices.set(len(registry))
@@ -191,7 +199,9 @@ class Pipeline:
 
         record = Record(
             f"{self._topic_base}/{device.device_type}/{device.device_id}/up",
-            self._message(uplink, device.device_type, report),
+            self._format.encode(device.device_id, device.device_type, report.seq,
+                                uplink.received_at, report.device_time, report.values,
+                                uplink.transport),
         )
         if not self._spool.has_room(record_size(record)):
             raise UplinkRejected(C.SERVICE_UNAVAILABLE, "spool_full", "spool full, retry later",
@@ -240,24 +250,6 @@ class Pipeline:
         if command is None:
             return ACCEPTED
         return Verdict(C.CHANGED, command, JSON, authenticated=True)
-
-    def _message(self, uplink: Uplink, device_type: str, report: Report) -> bytes:
-        units = self._schemas[device_type].units
-        message: dict[str, object] = {
-            "device_id": uplink.device_id,
-            "device_type": device_type,
-            "tenant": self._settings.gateway.tenant,
-            "gateway_id": self._settings.gateway.id,
-            "seq": report.seq,
-            "received_at": rfc3339_ms(uplink.received_at),
-        }
-        if report.device_time is not None:
-            message["device_time"] = rfc3339_ms(report.device_time)
-        message["readings"] = {
-            name: {"value": value, "unit": units[name]} for name, value in report.values.items()
-        }
-        message["transport"] = uplink.transport
-        return json.dumps(message, separators=(",", ":")).encode()
 
     # -- rejections ------------------------------------------------------------------
     def reject(self, uplink: Uplink, rejection: UplinkRejected, reply: Reply) -> None:

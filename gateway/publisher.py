@@ -208,7 +208,6 @@ class Publisher:
             client.ack(message)  # stored: a crash before this, and the broker sends it again
 
     def _on_ack(self, record: Record, sent_at: float) -> None:
-        self._metrics.mqtt_published.inc()
         self._metrics.mqtt_publish_seconds.observe(time.monotonic() - sent_at)
         if not self._acked:
             asyncio.get_running_loop().call_soon(self._flush_acked)
@@ -218,6 +217,7 @@ class Publisher:
     def _flush_acked(self) -> None:
         """Delete acked records from the spool, many per call."""
         if self._acked:
+            self._metrics.mqtt_published.inc(len(self._acked))
             self._spool.delete(self._acked)
             self._acked = []
 
