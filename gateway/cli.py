@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", type=int, default=2000)
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per target")
     bench.add_argument("--json", type=Path, dest="json_path", help="also write results as JSON")
+    bench.add_argument("--workers", type=int, default=2,
+                       help="also run the gateway with this many worker processes, for the "
+                            "scaling from one (1: skip; default: %(default)s)")
     return parser
 
 
@@ -124,6 +130,7 @@ def cmd_check_config(path: Path) -> int:
 def cmd_run(path: Path) -> int:
     from gateway.config import load_config
     from gateway.logs import setup_logging
+    from gateway.rebalance import RebalanceError, rebalance
     from gateway.service import Service
     from gateway.spool import SpoolError
 
@@ -132,6 +139,36 @@ def cmd_run(path: Path) -> int:
     except ConfigError as e:
         return _config_invalid(path, e)
     setup_logging(settings.gateway.log_level)
+    workers = settings.gateway.workers
+    try:
+        _lock_state_directory(settings.spool.path.parent)
+    except OSError as e:
+        print(f"cannot start: {e}", file=sys.stderr)
+        return 1
+    try:
+        assert settings.liveness.path is not None  # load_config derives it from the spool path
+        moved = rebalance(settings.spool.path, settings.liveness.path, workers)
+    except (RebalanceError, OSError, sqlite3.Error) as e:
+        print(f"cannot start: the state files in {settings.spool.path.parent} do not fit "
+              f"gateway.workers = {workers}: {e}", file=sys.stderr)
+        return 1
+    if moved:
+        logging.getLogger("gateway").info("%s", moved)
+    if workers > 1:
+        from gateway import supervisor
+
+        try:
+            # The registry is read by each worker; read it here too, so a bad file is
+            # reported once, with exit 2, before anything forks.
+            from gateway.registry import load_registry
+
+            load_registry(settings.registry.path, settings.types)
+            return supervisor.run(settings, path)
+        except ConfigError as e:
+            return _config_invalid(path, e)
+        except OSError as e:
+            print(f"cannot start: {e}", file=sys.stderr)
+            return 1
 
     async def main() -> int:
         return await Service(settings, path).run()
@@ -145,6 +182,24 @@ def cmd_run(path: Path) -> int:
     except (SpoolError, OSError) as e:
         print(f"cannot start: {e}", file=sys.stderr)
         return 1
+
+
+def _lock_state_directory(directory: Path) -> None:
+    """Hold an exclusive lock on `directory/gateway.lock` until the process (and its
+    workers) exit: two gateways on one spool would each publish and delete its records."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "gateway.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OSError(f"another gateway (pid {holder}) uses the state in {directory}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # kept open: the lock lives with the fd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from gateway.bench.runner import run_bench
 
-        return run_bench(args.devices, args.duration, args.json_path)
+        return run_bench(args.devices, args.duration, args.json_path, args.workers)
     raise AssertionError(args.command)
 
 

@@ -40,6 +40,9 @@ class GatewaySection(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # On SIGTERM: how long to keep publishing the spool before disconnecting.
     shutdown_grace_s: Annotated[float, Field(ge=0, le=600)] = 10.0
+    # Worker processes sharing the CoAP port (SO_REUSEPORT), each owning a share of the
+    # devices; 1 runs everything in one process. See docs/operations.md, "Workers".
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 class CoapSection(Section):
@@ -246,6 +249,10 @@ class Settings(BaseSettings):
     def _ingest(self) -> Settings:
         if not self.coap.enabled and not self.coaps.enabled:
             raise ValueError("coap.enabled and coaps.enabled are both false: no uplink could arrive")
+        if self.gateway.workers > 1 and self.coaps.enabled:
+            raise ValueError(f"gateway.workers is {self.gateway.workers} and coaps.enabled is "
+                             "true: DTLS sessions are not shared between workers yet; use "
+                             "workers = 1 for coaps")
         if self.coap.enabled and self.coaps.enabled and self.coap.port == self.coaps.port:
             raise ValueError(f"coap.port and coaps.port are both {self.coap.port}: "
                              "give coaps a port of its own (5684)")

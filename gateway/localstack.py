@@ -221,15 +221,28 @@ def gateway(env: Mapping[str, str], log_path: Path, ready: Callable[[], bool],
 
 
 # -- /proc --------------------------------------------------------------------------------
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live children (a gateway's supervisor and its workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
+
+
 def cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of a live process (OSError once it has gone)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    """User plus system CPU seconds of a live process and its live children (OSError once
+    it has gone)."""
+    total = 0
+    for p in process_tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLOCK_TICKS
 
 
 def peak_rss_mb(pid: int) -> float:
-    """Peak resident set size (VmHWM) of a live process (OSError once it has gone)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Peak resident set size (VmHWM) of a live process, plus each live child's (OSError
+    once it has gone)."""
+    total = 0
+    for p in process_tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 NS = "nbiot_gateway"
 # `*_created` series double the output and no dashboard here reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+WORKERS_HELP = ("Worker processes the gateway is configured to run (gateway.workers). "
+                "Compare with nbiot_gateway_workers_up.")
+WORKERS_UP_HELP = (
+    "Worker processes whose metrics this scrape includes. Below nbiot_gateway_workers, a "
+    "worker is not answering: the devices it owns get no reply, and the other series hold "
+    "that worker's last known figures. See the journal of the service.")
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -105,17 +111,36 @@ class Metrics:
             registry=r)
         self.registry_devices = Gauge(
             f"{NS}_registry_devices", "Devices in the loaded registry.", registry=r)
+        self.worker_forwarded = Counter(
+            f"{NS}_worker_forwarded_datagrams",
+            "Uplink datagrams handed to the worker process owning their device "
+            "(gateway.workers > 1).", registry=r)
+        self.worker_forward_dropped = Counter(
+            f"{NS}_worker_forward_dropped",
+            "Uplink datagrams for another worker dropped: its inbox was full (the device "
+            "retransmits).", registry=r)
+        # With gateway.workers > 1 the supervisor's merged /metrics sets both (a worker's
+        # own values are dropped there); a single process reports 1 and 1.
+        self.workers = Gauge(f"{NS}_workers", WORKERS_HELP, registry=r)
+        self.workers_up = Gauge(f"{NS}_workers_up", WORKERS_UP_HELP, registry=r)
         self.dtls_sessions = Gauge(
             f"{NS}_dtls_sessions",
             "coaps (DTLS) sessions held, handshakes that failed included (coaps.max_sessions).",
             registry=r)
 
 
-class MetricsServer:
-    """`/metrics`, `/healthz` and `/readyz` over HTTP/1.0, on the event loop."""
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> None:
-        self._metrics = metrics
+
+class MetricsServer:
+    """`/metrics`, `/healthz` and `/readyz` over HTTP/1.0, on the event loop. `exposition`
+    gives the /metrics body; `ready` says whether uplinks are accepted, and why."""
+
+    def __init__(self, exposition: Callable[[], Awaitable[bytes]],
+                 ready: Callable[[], Awaitable[tuple[bool, str]]]) -> None:
+        self._exposition = exposition
         self._ready = ready
         self._server: asyncio.Server | None = None
 
@@ -137,11 +162,11 @@ class MetricsServer:
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""
             if path == "/metrics":
-                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
+                status, ctype, body = 200, CONTENT_TYPE_LATEST, await self._exposition()
             elif path == "/healthz":
                 status, ctype, body = 200, "text/plain", b"ok\n"
             elif path == "/readyz":
-                ok, why = self._ready()
+                ok, why = await self._ready()
                 status, ctype, body = (200 if ok else 503), "text/plain", (why + "\n").encode()
             else:
                 status, ctype, body = 404, "text/plain", b"not found: try /metrics, /healthz, /readyz\n"

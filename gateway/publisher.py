@@ -58,7 +58,8 @@ class Publisher:
     command over, in order."""
 
     def __init__(self, mqtt: MqttSection, gateway_id: str, spool: Spool, metrics: Metrics,
-                 tenant: str = "", on_command: CommandHandler | None = None) -> None:
+                 tenant: str = "", on_command: CommandHandler | None = None,
+                 worker: int | None = None) -> None:
         self._command_filter = f"{mqtt.topic_prefix}/{tenant}/+/+/down"
         self._on_command = on_command
         self._mqtt = mqtt
@@ -66,6 +67,8 @@ class Publisher:
         self._metrics = metrics
         self._status_topic = status_topic(mqtt, gateway_id)
         self._client_id = mqtt.client_id or f"nbiot-gateway-{gateway_id}"
+        if worker:  # worker 0 keeps the single process's session (and its subscription)
+            self._client_id += f"-w{worker}"
         self._backoff = Backoff(mqtt.reconnect_min_s, mqtt.reconnect_max_s)
         self._acked: list[Record] = []
         self._ack_arrived = asyncio.Event()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import ConfigError
+from gateway.workers import owner
 
 REQUIRED_COLUMNS = ("device_id", "type", "report_interval_s")
 TOKEN_COLUMNS = ("token", "token_sha256")  # at least one of them
@@ -68,6 +69,12 @@ class Registry:
 
     def __iter__(self) -> Iterator[Device]:
         return iter(self._devices.values())
+
+    def owned_by(self, worker: int, workers: int) -> Registry:
+        """The devices `worker` owns (gateway/workers.py); itself with one worker."""
+        if workers <= 1:
+            return self
+        return Registry((d for d in self if owner(d.device_id, workers) == worker), self.source)
 
 
 def load_registry(path: Path, known_types: Mapping[str, object]) -> Registry:

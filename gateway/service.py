@@ -26,18 +26,26 @@ from gateway.pipeline import Pipeline
 from gateway.publisher import Publisher
 from gateway.registry import Registry, load_registry
 from gateway.spool import Spool
+from gateway.workers import WorkerLinks, state_files
 
 if TYPE_CHECKING:
     from gateway.coap.dtls import DtlsServer
+    from gateway.siblings import Siblings
 
 log = logging.getLogger(__name__)
 COMMIT_WAIT_S = 5.0
 
 
 class Service:
-    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
+    def __init__(self, settings: Settings, config_path: Path | None = None,
+                 links: WorkerLinks | None = None) -> None:
+        """`links`: set when this is one of several workers under the supervisor."""
         self.settings = settings
         self.config_path = config_path
+        self._links = links
+        self._worker, self._workers = (links.index, links.workers) if links else (0, 1)
+        self._siblings: Siblings | None = None
+        self._control_task: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self.stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -71,45 +79,64 @@ class Service:
         s = self.settings
         started = time.monotonic()
         gctune.tune()
-        registry = load_registry(s.registry.path, s.types)
-        self._spool = spool = Spool(s.spool.path, s.spool.max_bytes, s.spool.max_batch)
+        registry = self._load_registry(s)
+        assert s.liveness.path is not None  # load_config derives it from the spool path
+        files = state_files(s.spool.path, s.liveness.path, self._worker, self._workers)
+        # Workers share spool.max_bytes: the disk holds what the operator configured.
+        max_bytes = s.spool.max_bytes // self._workers
+        self._spool = spool = Spool(files.spool, max_bytes, s.spool.max_batch)
         spool.open()
         spool.on_commit = self._on_commit
         m = self.metrics
         m.spool_records.set_function(lambda: spool.records)
         m.spool_bytes.set_function(lambda: spool.size_bytes)
-        m.spool_max_bytes.set(s.spool.max_bytes)
+        m.spool_max_bytes.set(max_bytes)
+        m.workers.set(self._workers)
+        m.workers_up.set(self._workers)
         topic_base = f"{s.mqtt.topic_prefix}/{s.gateway.tenant}"
-        assert s.liveness.path is not None  # load_config derives it from the spool path
         self._liveness = Liveness(registry, spool, m, topic_base, s.liveness.offline_after_intervals,
-                                  LivenessStore(s.liveness.path))
+                                  LivenessStore(files.liveness))
         await self._liveness.load()
-        self._downlink = Downlink(registry, DownlinkStore(s.spool.path.parent / "downlink.sqlite"),
-                                  spool, topic_base)
+        self._downlink = Downlink(registry, DownlinkStore(files.downlink), spool, topic_base)
         await self._downlink.load()
         self._pipeline = Pipeline(s, registry, spool, m, self._liveness, self._downlink)
         loop = asyncio.get_running_loop()
         listening = []
+        if self._links is not None:
+            from gateway.siblings import Siblings
+
+            self._siblings = Siblings(self._worker, self._links.inbox, self._links.outboxes, m)
         if s.coap.enabled:
-            self._coap = coap = CoapServer(self._pipeline, m,
-                                           max_payload_bytes=s.coap.max_payload_bytes,
-                                           dedup_max_entries=s.coap.dedup_max_entries)
-            try:
-                sock = bind_udp(s.coap.bind, s.coap.port)
-            except OSError as e:
-                raise OSError(e.errno, f"coap: cannot bind udp {s.coap.bind} port {s.coap.port}: "
-                                       f"{e.strerror}") from None
+            self._coap = coap = CoapServer(
+                self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
+                dedup_max_entries=s.coap.dedup_max_entries,
+                router=self._siblings.route if self._siblings else None)
+            if self._links is not None:
+                sock = self._links.udp  # bound by the supervisor, SO_REUSEPORT
+            else:
+                try:
+                    sock = bind_udp(s.coap.bind, s.coap.port)
+                except OSError as e:
+                    raise OSError(e.errno, f"coap: cannot bind udp {s.coap.bind} port "
+                                           f"{s.coap.port}: {e.strerror}") from None
             await loop.create_datagram_endpoint(lambda: coap, sock=sock)
             listening.append(f"coap udp {s.coap.bind} port {sock.getsockname()[1]}")
         if s.coaps.enabled:
             listening.append(await self._start_dtls(registry))
+        if self._siblings is not None and self._coap is not None:
+            self._siblings.start(self._coap.datagram_received, self._downlink.receive)
         metrics_where = "disabled"
-        if s.metrics.enabled:
-            self._metrics_server = MetricsServer(m, self._ready)
+        if self._links is not None:
+            metrics_where = "served by the supervisor"
+        elif s.metrics.enabled:
+            self._metrics_server = MetricsServer(self._exposition, self._ready_async)
             port = await self._metrics_server.start(s.metrics.bind, s.metrics.port)
             metrics_where = f"http://{s.metrics.bind}:{port}/metrics"
+        # One subscription for downlink commands, in worker 0 (the session of a single
+        # process, so changing gateway.workers keeps it); it hands other workers theirs.
         self._publisher = Publisher(s.mqtt, s.gateway.id, spool, m, s.gateway.tenant,
-                                    on_command=self._downlink.receive)
+                                    on_command=self._on_command if self._worker == 0 else None,
+                                    worker=self._worker if self._links else None)
         self._publisher_task = asyncio.create_task(
             self._publisher.run(self._publisher_stop), name="publisher")
         self._background = [
@@ -122,10 +149,17 @@ class Service:
             loop.add_signal_handler(sig, handler)
         log.info("gateway %s ready: %s, %d devices, %d types, spool %s "
                  "(%d records waiting), broker %s:%d, metrics %s, started in %.2fs",
-                 s.gateway.id, ", ".join(listening), len(registry), len(s.types), s.spool.path,
+                 s.gateway.id, ", ".join(listening), len(registry), len(s.types), files.spool,
                  spool.records, s.mqtt.host, s.mqtt.port, metrics_where,
                  time.monotonic() - started)
         gctune.settle()  # what startup built stays out of every later collection
+        if self._links is not None:
+            from gateway import control
+
+            self._control_task = asyncio.create_task(control.serve(
+                self._links.control, self._ready, self.metrics.exposition, self.stop.set),
+                name="control")
+            return  # the supervisor speaks to systemd
         self._notifier.send("READY=1\n" + self._status_line())
         self._notifier.start()
 
@@ -188,11 +222,28 @@ class Service:
             broker_connected=self._publisher is not None and self._publisher.connected,
             spool_records=spool.records if spool is not None else 0,
             spool_bytes=spool.size_bytes if spool is not None else 0,
-            spool_max_bytes=self.settings.spool.max_bytes)
+            spool_max_bytes=spool.max_bytes if spool is not None else 0)
 
     def _on_commit(self, records: int, seconds: float) -> None:
         self.metrics.spool_commit_seconds.observe(seconds)
         self.metrics.spool_commit_records.inc(records)
+
+    def _load_registry(self, s: Settings) -> Registry:
+        """The registry, or this worker's share of it."""
+        return load_registry(s.registry.path, s.types).owned_by(self._worker, self._workers)
+
+    async def _on_command(self, device_type: str, device_id: str, payload: bytes) -> None:
+        assert self._downlink is not None
+        if self._siblings is None or self._siblings.owns(device_id):
+            await self._downlink.receive(device_type, device_id, payload)
+        else:
+            await self._siblings.forward_command(device_type, device_id, payload)
+
+    async def _exposition(self) -> bytes:
+        return self.metrics.exposition()
+
+    async def _ready_async(self) -> tuple[bool, str]:
+        return self._ready()
 
     def _ready(self) -> tuple[bool, str]:
         if (self._coap is None and self._dtls is None) or self._spool is None or self.stop.is_set():
@@ -229,7 +280,7 @@ class Service:
         self._notifier.send(reloading_message())
         try:
             settings = load_config(self.config_path) if self.config_path else self.settings
-            registry = load_registry(settings.registry.path, settings.types)
+            registry = self._load_registry(settings)
         except ConfigError as e:
             log.error("reload failed, keeping the current registry: %s", "; ".join(e.problems))
         else:
@@ -271,6 +322,10 @@ class Service:
             await asyncio.wait_for(self._spool.wait_committed(), COMMIT_WAIT_S)
         if self._coap is not None:
             self._coap.close()
+        if self._siblings is not None:
+            self._siblings.close()
+        if self._control_task is not None:
+            self._control_task.cancel()
         if self._dtls is not None:
             await self._dtls.close()
         for task in self._background:

@@ -21,9 +21,10 @@ def test_bench_measures_every_target_and_loses_nothing(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     targets = [r["target"] for r in result["results"]]
     assert targets == ["gateway", "aiocoap (bare)", "libcoap (C)", "gateway, broker down",
-                       "gateway at half rate"]
+                       "gateway at half rate", "gateway, 2 workers"]
     assert all(r["answered"] > 0 for r in result["results"]), result
-    assert [r["lost"] for r in result["results"] if r["lost"] is not None] == [0, 0]
+    assert [r["lost"] for r in result["results"] if r["lost"] is not None] == [0, 0, 0]
     assert set(result["ratios"]) == {"gateway/aiocoap", "gateway/libcoap",
-                                     "broker_down/end_to_end"}
+                                     "broker_down/end_to_end", "workers_2/workers_1",
+                                     "gateway_2_workers/libcoap"}
     assert "ratios: gateway/aiocoap" in done.stdout

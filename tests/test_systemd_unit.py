@@ -174,8 +174,9 @@ class SandboxedGateway(Gateway):
         return returncode
 
 
-@pytest.fixture
-def sandboxed_gateway(broker: Broker, tmp_path: Path) -> Iterator[SandboxedGateway]:
+@pytest.fixture(params=[1, 2], ids=["one process", "two workers"])
+def sandboxed_gateway(broker: Broker, tmp_path: Path, request: pytest.FixtureRequest
+                      ) -> Iterator[SandboxedGateway]:
     strace = shutil.which("strace")
     if strace is None:
         pytest.fail("strace is missing: run ./scripts/test, which installs it")
@@ -187,7 +188,8 @@ def sandboxed_gateway(broker: Broker, tmp_path: Path) -> Iterator[SandboxedGatew
     notify_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify_socket.bind("\0" + notify_name)
     gw = SandboxedGateway(workdir, broker.port, env_extra={
-        "NBIOT_COAP__BIND": "::", "NOTIFY_SOCKET": "@" + notify_name, "WATCHDOG_USEC": "1000000"})
+        "NBIOT_COAP__BIND": "::", "NOTIFY_SOCKET": "@" + notify_name, "WATCHDOG_USEC": "1000000",
+        "NBIOT_GATEWAY__WORKERS": str(request.param)})
     gw.prefix = [strace, "-f", "-qq", "-o", str(workdir / "strace.txt"),
                  sys.executable, "-c", MDWE_EXEC]
     gw.write_config()

@@ -4,7 +4,8 @@
 2. a bare aiocoap server (root resource answering 2.04)
 3. libcoap's coap-server-notls (dynamic resources accept PUT)
 4. the gateway with no broker (ingest into the spool alone)
-then the gateway again at half its maximum rate, for the latency at a sane load.
+then the gateway again at half its maximum rate, for the latency at a sane load, and with
+`--workers N` worker processes (gateway.workers), for the scaling from one.
 Prints a table and ratios; `--json FILE` writes them. It asserts nothing: figures only.
 """
 
@@ -100,14 +101,16 @@ class Bench:
         self.registry = workdir / "devices.csv"
         write_bench_registry(self.registry, devices)
 
-    def _gateway_env(self, name: str, broker_port: int, coap_port: int, metrics_port: int
-                     ) -> dict[str, str]:
+    def _gateway_env(self, name: str, broker_port: int, coap_port: int, metrics_port: int,
+                     workers: int = 1) -> dict[str, str]:
         return {**gateway_env(broker_port=broker_port, coap_port=coap_port,
                               metrics_port=metrics_port, spool=self.workdir / name / "spool.sqlite",
                               registry=self.registry),
-                **LOAD_ENV, "NBIOT_GATEWAY__TENANT": "bench"}
+                **LOAD_ENV, "NBIOT_GATEWAY__TENANT": "bench",
+                "NBIOT_GATEWAY__WORKERS": str(workers)}
 
-    def gateway_end_to_end(self, rate: float | None = None, name: str = "gateway") -> Result:
+    def gateway_end_to_end(self, rate: float | None = None, name: str = "gateway",
+                           workers: int = 1) -> Result:
         coap_port, metrics_port = free_port(socket.SOCK_DGRAM), free_port()
         witness_file = self.workdir / f"{name}-delivered.txt"
         with contextlib.ExitStack() as stack:
@@ -116,7 +119,7 @@ class Bench:
             witness = stack.enter_context(child_process(
                 ["mosquitto_sub", "-p", str(broker.port), "-q", "1", "-t", "nbiot/bench/+/+/up",
                  "-F", "%p"], witness_file))
-            env = self._gateway_env(name, broker.port, coap_port, metrics_port)
+            env = self._gateway_env(name, broker.port, coap_port, metrics_port, workers)
             gw = stack.enter_context(gateway(env, self.workdir / f"{name}.log",
                                              lambda: coap_answers(coap_port)))
             wait_until(lambda: metric_sample(metrics_port, "nbiot_gateway_mqtt_connected") == 1, 20,
@@ -132,6 +135,8 @@ class Bench:
         result.lost = len(acked - delivered)
         if rate:
             result.note = f"paced at {rate:.0f}/s"
+        if workers > 1:
+            result.note = f"gateway.workers = {workers}"
         return result
 
     def gateway_without_broker(self) -> Result:
@@ -213,7 +218,7 @@ def _print_table(results: list[Result], devices: int, duration_s: float) -> None
               f"{r.server_cpu_s_per_1000:>10.3f}{r.server_peak_rss_mb:>9.0f}{lost:>7}  {r.note}")
 
 
-def run_bench(devices: int, duration_s: float, json_out: Path | None) -> int:
+def run_bench(devices: int, duration_s: float, json_out: Path | None, workers: int = 2) -> int:
     with tempfile.TemporaryDirectory(prefix="nbiot-bench-") as tmp:
         bench = Bench(devices, duration_s, Path(tmp))
         gateway = bench.gateway_end_to_end()
@@ -221,6 +226,9 @@ def run_bench(devices: int, duration_s: float, json_out: Path | None) -> int:
         if gateway.uplinks_per_s:
             results.append(bench.gateway_end_to_end(rate=gateway.uplinks_per_s / 2,
                                                     name="gateway at half rate"))
+        if workers > 1:
+            results.append(bench.gateway_end_to_end(name=f"gateway, {workers} workers",
+                                                    workers=workers))
     _print_table(results, devices, duration_s)
     by_target = {r.target: r for r in results}
     ratios = {}
@@ -231,6 +239,13 @@ def run_bench(devices: int, duration_s: float, json_out: Path | None) -> int:
     spool_only = by_target["gateway, broker down"].uplinks_per_s
     if gateway.uplinks_per_s:
         ratios["broker_down/end_to_end"] = round(spool_only / gateway.uplinks_per_s, 2)
+        scaled = by_target.get(f"gateway, {workers} workers")
+        if scaled is not None:
+            ratios[f"workers_{workers}/workers_1"] = round(
+                scaled.uplinks_per_s / gateway.uplinks_per_s, 2)
+            ratios[f"gateway_{workers}_workers/libcoap"] = round(
+                scaled.uplinks_per_s / by_target["libcoap (C)"].uplinks_per_s, 2) \
+                if by_target["libcoap (C)"].uplinks_per_s else 0.0
     print("\nratios: " + ", ".join(f"{k} = {v}" for k, v in ratios.items()))
     if json_out is not None:
         json_out.write_text(json.dumps({"devices": devices, "duration_s": duration_s,

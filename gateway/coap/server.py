@@ -32,6 +32,21 @@ BLOCK_STATE_LIFETIME_S = C.EXCHANGE_LIFETIME_S
 MAX_BLOCK_TRANSFERS = 10_000
 
 
+# Given a request and its datagram, forwards it to the worker owning its device and
+# returns True, or returns False: this process handles it (gateway/siblings.py).
+Router = Callable[[wire.Message, bytes, "Address"], bool]
+
+
+def uplink_device_id(path: list[str]) -> str:
+    """The device of an uplink path `/up/{device_id}`, or "" for any other path."""
+    return path[1] if len(path) == 2 and path[0] == "up" else ""
+
+
+def request_path(msg: wire.Message) -> list[str]:
+    return [value.decode("utf-8", "replace") for number, value in msg.options
+            if number == C.URI_PATH]
+
+
 class UplinkSink(Protocol):
     """The pipeline as ingest sees it."""
 
@@ -57,12 +72,14 @@ class CoapServer(asyncio.DatagramProtocol):
         max_payload_bytes: int,
         dedup_max_entries: int,
         transport_name: str = "coap",
+        router: Router | None = None,
     ) -> None:
         self._sink = sink
         self._metrics = metrics
         self._max_payload = max_payload_bytes
         self._dedup_max = dedup_max_entries
         self._transport_name = transport_name
+        self._router = router
         self._transport: asyncio.DatagramTransport | None = None
         self._replies: dict[tuple[Address, int], bytes] = {}
         self._reply_expiry: deque[tuple[float, tuple[Address, int]]] = deque()
@@ -104,6 +121,8 @@ class CoapServer(asyncio.DatagramProtocol):
             if msg.mtype == C.CON:
                 self._send(wire.encode(wire.Message(C.RST, C.EMPTY, msg.mid)), addr)
             return
+        if self._router is not None and self._router(msg, data, addr):
+            return  # another worker owns this device: its reply cache and state answer
         key = (addr[:2], msg.mid)
         cached = self._replies.get(key)
         if cached and cached[4:4 + (cached[0] & 0x0F)] != msg.token:
@@ -159,7 +178,7 @@ class CoapServer(asyncio.DatagramProtocol):
                 bad_option = bad_option or UplinkRejected(
                     C.BAD_OPTION, "bad_option", f"critical option {number}")
 
-        device_id = path[1] if len(path) == 2 and path[0] == "up" else ""
+        device_id = uplink_device_id(path)
         token = None
         for q in query:
             if q.startswith("k="):

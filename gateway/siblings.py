@@ -1,0 +1,184 @@
+"""A worker's channel to the other workers (gateway.workers > 1): datagrams and commands
+for devices it does not own go to their owner.
+
+Every worker has an inbox, an AF_UNIX datagram socket made by the supervisor before the
+fork, and holds a sending end to every inbox. Three messages:
+  U  an uplink datagram and the device's address: the owner handles it as if it had
+     received it, and answers from its own socket on the shared port, so the device
+     sees one server and its retransmissions meet one reply cache and one replay window;
+  C  a downlink command worker 0 took from MQTT for another worker's device;
+  A  the owner's answer to a C: stored or not. Worker 0 PUBACKs the command only after
+     a stored answer, so a command is never acknowledged to the broker before it is
+     durable, whichever worker keeps it.
+A full inbox drops a U (the device retransmits; counted) and fails a C (not PUBACKed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+from gateway.coap import wire
+from gateway.coap.server import Address, request_path, uplink_device_id
+from gateway.metrics import Metrics
+from gateway.workers import owner
+
+log = logging.getLogger(__name__)
+
+CommandHandler = Callable[[str, str, bytes], Awaitable[None]]
+COMMAND_TIMEOUT_S = 10.0
+INBOX_BUFFER_BYTES = 4 << 20
+_U, _C, _A = b"U", b"C", b"A"
+_ADDR = struct.Struct("!HB")  # port, host length; the host follows
+_COMMAND = struct.Struct("!IBB")  # request id, type length, id length; both follow
+_ANSWER = struct.Struct("!I?")  # request id, stored
+
+
+class SiblingError(Exception):
+    """A command could not be handed to the worker owning its device."""
+
+
+class Siblings:
+    def __init__(self, index: int, inbox: socket.socket, outboxes: list[socket.socket],
+                 metrics: Metrics) -> None:
+        self.index = index
+        self.workers = len(outboxes)
+        self._inbox = inbox
+        self._outboxes = outboxes
+        self._metrics = metrics
+        self._loop = asyncio.get_running_loop()
+        self._on_datagram: Callable[[bytes, Address], None] | None = None
+        self._on_command: CommandHandler | None = None
+        self._request_ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[bool]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        for sock in (inbox, *outboxes):
+            sock.setblocking(False)
+        # What a connected AF_UNIX datagram socket may hold in flight is its sender's
+        # buffer (~200 KB by default, ~270 datagrams): room for a storm, as the UDP socket.
+        for sock in outboxes:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, INBOX_BUFFER_BYTES)
+
+    def start(self, on_datagram: Callable[[bytes, Address], None],
+              on_command: CommandHandler) -> None:
+        self._on_datagram = on_datagram
+        self._on_command = on_command
+        self._loop.add_reader(self._inbox.fileno(), self._drain)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._inbox.fileno())
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(SiblingError("worker stopping"))
+        for sock in (self._inbox, *self._outboxes):
+            sock.close()
+
+    def owns(self, device_id: str) -> bool:
+        return owner(device_id, self.workers) == self.index
+
+    # -- uplinks: the CoAP server's router ---------------------------------------------
+    def route(self, msg: wire.Message, data: bytes, addr: Address) -> bool:
+        device_id = uplink_device_id(request_path(msg))
+        if not device_id:
+            return False
+        target = owner(device_id, self.workers)
+        if target == self.index:
+            return False
+        host = str(addr[0]).encode()
+        if self._send(target, b"".join((_U, _ADDR.pack(addr[1], len(host)), host, data))):
+            self._metrics.worker_forwarded.inc()
+        else:
+            self._metrics.worker_forward_dropped.inc()
+        return True
+
+    # -- commands: worker 0's MQTT subscription ----------------------------------------
+    async def forward_command(self, device_type: str, device_id: str, payload: bytes) -> None:
+        """Hand a command to the worker owning its device; return once it is stored there."""
+        target = owner(device_id, self.workers)
+        request_id = next(self._request_ids) & 0xFFFF_FFFF
+        kind, ident = device_type.encode(), device_id.encode()
+        answer = self._loop.create_future()
+        self._waiting[request_id] = answer
+        try:
+            if not self._send(target, b"".join((_C, _COMMAND.pack(request_id, len(kind),
+                                                                  len(ident)), kind, ident,
+                                                payload))):
+                raise SiblingError(f"worker {target}'s inbox is full")
+            try:
+                stored = await asyncio.wait_for(answer, COMMAND_TIMEOUT_S)
+            except TimeoutError:
+                raise SiblingError(f"worker {target} did not answer in "
+                                   f"{COMMAND_TIMEOUT_S:.0f}s") from None
+            if not stored:
+                raise SiblingError(f"worker {target} could not store the command")
+        finally:
+            self._waiting.pop(request_id, None)
+
+    # -- the inbox ---------------------------------------------------------------------
+    def _send(self, target: int, message: bytes) -> bool:
+        try:
+            self._outboxes[target].send(message)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:  # the sibling is gone: the supervisor is stopping us all
+            log.debug("cannot reach worker %d: %s", target, e)
+            return False
+        return True
+
+    def _drain(self) -> None:
+        for _ in range(256):  # then let the loop serve the UDP socket too
+            try:
+                message = self._inbox.recv(1 << 17)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.error("worker inbox failed: %s", e)
+                return
+            try:
+                self._dispatch(message)
+            except Exception:  # one bad message must not stop the inbox
+                log.exception("cannot handle a message from another worker")
+
+    def _dispatch(self, message: bytes) -> None:
+        kind = message[:1]
+        if kind == _U:
+            port, host_len = _ADDR.unpack_from(message, 1)
+            start = 1 + _ADDR.size
+            host = message[start:start + host_len].decode()
+            assert self._on_datagram is not None
+            self._on_datagram(message[start + host_len:], (host, port))
+        elif kind == _C:
+            request_id, kind_len, ident_len = _COMMAND.unpack_from(message, 1)
+            start = 1 + _COMMAND.size
+            device_type = message[start:start + kind_len].decode()
+            device_id = message[start + kind_len:start + kind_len + ident_len].decode()
+            payload = message[start + kind_len + ident_len:]
+            task = self._loop.create_task(self._store(request_id, device_type, device_id,
+                                                      payload))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif kind == _A:
+            request_id, stored = _ANSWER.unpack_from(message, 1)
+            fut = self._waiting.get(request_id)
+            if fut is not None and not fut.done():
+                fut.set_result(stored)
+
+    async def _store(self, request_id: int, device_type: str, device_id: str,
+                     payload: bytes) -> None:
+        assert self._on_command is not None
+        stored = True
+        try:
+            await self._on_command(device_type, device_id, payload)
+        except Exception:
+            log.exception("downlink command for %s from worker 0 could not be stored", device_id)
+            stored = False
+        if not self._send(0, _A + _ANSWER.pack(request_id, stored)):
+            log.warning("could not tell worker 0 the command for %s was stored; the broker "
+                        "will send it again", device_id)

@@ -1,0 +1,278 @@
+"""`gateway.workers = N` (N > 1): the parent process that forks the workers and speaks for
+them to systemd and Prometheus.
+
+Before the fork it binds N UDP sockets to the CoAP port with SO_REUSEPORT (so the kernel
+spreads datagrams over the workers, and `port = 0` still means one port for all) and makes
+the workers' inboxes (gateway/siblings.py) and control lines (gateway/control.py). Then:
+READY=1 once every worker has started, the watchdog ping and STATUS from its own loop, one
+`/metrics` (the workers' expositions merged), `/healthz` and `/readyz`; SIGHUP and SIGTERM
+are passed on. A worker that dies unexpectedly makes it stop the others and exit 1:
+systemd restarts the whole service, and every worker's spool holds what it acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.coap.server import bind_udp
+from gateway.config import Settings
+from gateway.control import WorkerLine
+from gateway.metrics import MetricsServer
+from gateway.metrics_merge import merge
+from gateway.notify import Notifier, UplinkRate, status_line
+from gateway.workers import WorkerLinks
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120.0
+ASK_TIMEOUT_S = 5.0
+STATUS_REFRESH_S = 5.0
+KILL_AFTER_S = 60.0  # past shutdown_grace_s: a worker that still has not exited is killed
+
+
+def run(settings: Settings, config_path: Path | None) -> int:
+    """Fork the workers and supervise them; the process's exit code."""
+    n = settings.gateway.workers
+    udp = _bind_shared(settings.coap.bind, settings.coap.port, n)
+    inboxes, outboxes = zip(*(socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                              for _ in range(n)), strict=True)
+    ours, theirs = zip(*(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                         for _ in range(n)), strict=True)
+    pids = []
+    for k in range(n):
+        links = WorkerLinks(k, n, udp[k], inboxes[k], list(outboxes), theirs[k])
+        others = [s for s in (*udp, *inboxes, *theirs, *ours)
+                  if s not in (links.udp, links.inbox, links.control)]
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_worker_main(settings, config_path, links, others))
+        pids.append(pid)
+    port = udp[0].getsockname()[1]
+    for sock in (*udp, *inboxes, *outboxes, *theirs):
+        sock.close()
+    log.info("started %d workers (pids %s) on udp %s port %d", n,
+             ", ".join(map(str, pids)), settings.coap.bind, port)
+    import uvloop
+
+    supervisor = Supervisor(settings, pids, [WorkerLine(k, s) for k, s in enumerate(ours)])
+    return uvloop.run(supervisor.run())
+
+
+def _bind_shared(host: str, port: int, n: int) -> list[socket.socket]:
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(bind_udp(host, port, reuse_port=True))
+            port = socks[0].getsockname()[1]  # port 0: the one the kernel chose, for all
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        raise OSError(e.errno, f"coap: cannot bind udp {host} port {port}: {e.strerror}") from None
+    return socks
+
+
+def _worker_main(settings: Settings, config_path: Path | None, links: WorkerLinks,
+                 others: list[socket.socket]) -> int:
+    """The forked child: one worker's Service, and nothing of the parent's."""
+    for sock in others:
+        sock.close()
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor's own
+        os.environ.pop(var, None)
+    from gateway.logs import setup_logging
+    from gateway.service import Service
+    from gateway.spool import SpoolError
+
+    setup_logging(settings.gateway.log_level, links.index)
+    import uvloop
+
+    try:
+        return uvloop.run(Service(settings, config_path, links).run())
+    except (SpoolError, OSError) as e:
+        log.error("cannot start worker %d: %s", links.index, e)
+    except BaseException:  # anything else: say what, and exit non-zero
+        log.exception("worker %d failed", links.index)
+    finally:
+        sys.stderr.flush()
+    return 1
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, pids: list[int], lines: list[WorkerLine]) -> None:
+        self._settings = settings
+        self._pids = pids
+        self._lines = lines
+        self._exit_codes: dict[int, int] = {}  # worker index -> exit code
+        self._exited = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._status = "STATUS=starting workers"
+        self._last_metrics: dict[int, bytes] = {}  # worker -> its last exposition
+        self._uplink_rate = UplinkRate()
+        self._notifier = Notifier(lambda: self._status)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for k, pid in enumerate(self._pids):
+            fd = os.pidfd_open(pid)
+            loop.add_reader(fd, self._reap, k, fd)
+        for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
+                             (signal.SIGHUP, self._reload)):
+            loop.add_signal_handler(sig, handler)
+        server: MetricsServer | None = None
+        code = 0
+        try:
+            if not await self._started():
+                return 1
+            s = self._settings
+            if s.metrics.enabled:
+                server = MetricsServer(self._exposition, self._ready)
+                port = await server.start(s.metrics.bind, s.metrics.port)
+                log.info("%d workers ready; metrics on http://%s:%d/metrics",
+                         len(self._pids), s.metrics.bind, port)
+            await self._refresh_status()
+            self._notifier.send("READY=1\n" + self._status)
+            self._notifier.start()
+            refresher = asyncio.create_task(self._keep_status_fresh())
+            await _first_of(self._stop.wait(), self._exited.wait())
+            refresher.cancel()
+            if not self._stop.is_set():
+                code = 1
+                log.error("worker %s exited unexpectedly; stopping the others (systemd "
+                          "restarts the service; the spools keep what was acknowledged)",
+                          ", ".join(f"{k} (code {c})" for k, c in self._exit_codes.items()))
+        finally:
+            self._notifier.send("STOPPING=1")
+            code = max(code, await self._stop_workers())
+            if server is not None:
+                await server.close()
+            for line in self._lines:
+                line.close()
+            await self._notifier.stop()
+        return code
+
+    async def _started(self) -> bool:
+        """Wait until every worker answers (it has started); False if one exits first."""
+        starting = asyncio.ensure_future(
+            asyncio.gather(*(line.ready(START_TIMEOUT_S) for line in self._lines)))
+        await _first_of(starting, self._exited.wait(), self._stop.wait())
+        if starting.done() and not starting.cancelled() and starting.exception() is None:
+            return True
+        if not self._stop.is_set():
+            why = "a worker exited" if self._exited.is_set() else str(starting.exception())
+            log.error("workers did not all start: %s", why)
+        return False
+
+    # -- workers ---------------------------------------------------------------------------
+    def _reap(self, index: int, fd: int) -> None:
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        _, status = os.waitpid(self._pids[index], 0)
+        self._exit_codes[index] = code = os.waitstatus_to_exitcode(status)
+        level = logging.INFO if self._stopping and code == 0 else logging.WARNING
+        log.log(level, "worker %d (pid %d) exited with %s", index, self._pids[index],
+                f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}")
+        self._exited.set()
+
+    def _signal_workers(self, sig: signal.Signals) -> None:
+        for k, pid in enumerate(self._pids):
+            if k not in self._exit_codes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
+    async def _stop_workers(self) -> int:
+        """SIGTERM every worker (each drains its spool), then wait; 1 if any failed."""
+        self._stopping = True
+        self._signal_workers(signal.SIGTERM)
+        deadline = time.monotonic() + self._settings.gateway.shutdown_grace_s + KILL_AFTER_S
+        while len(self._exit_codes) < len(self._pids):
+            self._exited.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("workers still running after %.0fs: killing them",
+                          self._settings.gateway.shutdown_grace_s + KILL_AFTER_S)
+                self._signal_workers(signal.SIGKILL)
+                deadline = time.monotonic() + KILL_AFTER_S
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), left)
+        return 0 if all(c == 0 for c in self._exit_codes.values()) else 1
+
+    def _reload(self) -> None:
+        self._notifier.send("RELOADING=1")
+        log.info("reload: passing SIGHUP to the workers")
+        self._signal_workers(signal.SIGHUP)
+        self._notifier.send("READY=1")
+
+    # -- what systemd and Prometheus see ---------------------------------------------------
+    async def _exposition(self) -> bytes:
+        """The workers' metrics merged. A worker that does not answer is counted down but
+        represented by its last answer, so the summed counters never go backwards."""
+        answers = await asyncio.gather(*(line.ask(b"metrics", ASK_TIMEOUT_S)
+                                         for line in self._lines), return_exceptions=True)
+        up = 0
+        for line, answer in zip(self._lines, answers, strict=True):
+            if isinstance(answer, bytes):
+                self._last_metrics[line.index] = answer
+                up += 1
+            else:
+                log.warning("no metrics from worker %d: %s", line.index, answer)
+        return merge(list(self._last_metrics.values()), len(self._lines), up)
+
+    async def _ready(self) -> tuple[bool, str]:
+        answers = await asyncio.gather(*(line.ready(ASK_TIMEOUT_S) for line in self._lines),
+                                       return_exceptions=True)
+        reasons = []
+        for line, answer in zip(self._lines, answers, strict=True):
+            if isinstance(answer, BaseException):
+                return False, f"worker {line.index}: {answer}"
+            ok, why = answer
+            if not ok:
+                return False, f"worker {line.index}: {why}"
+            reasons.append(why.removeprefix("ready: "))
+        return True, f"ready: {len(self._lines)} workers, {reasons[0]}"
+
+    async def _keep_status_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_REFRESH_S)
+            await self._refresh_status()
+
+    async def _refresh_status(self) -> None:
+        try:
+            merged = await self._exposition()
+        except Exception:  # the status line must never take the supervisor down
+            log.exception("cannot build the systemd STATUS line")
+            return
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(merged.decode()):
+            for sample in family.samples:
+                if not sample.labels:
+                    values[sample.name] = sample.value
+        ns = "nbiot_gateway_"
+        workers_up = int(values.get(f"{ns}workers_up", 0))
+        self._status = status_line(
+            state=f"running, {workers_up} of {len(self._lines)} workers",
+            uplinks_per_s=self._uplink_rate.per_s(values.get(f"{ns}uplinks_received_total", 0)),
+            broker_connected=values.get(f"{ns}mqtt_connected", 0) == 1,
+            spool_records=int(values.get(f"{ns}spool_records", 0)),
+            spool_bytes=int(values.get(f"{ns}spool_bytes", 0)),
+            spool_max_bytes=int(values.get(f"{ns}spool_max_bytes", 0)))
+
+
+async def _first_of(*aws: Awaitable[object]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,224 @@
+"""`gateway.workers = 2`: two worker processes behind one supervisor share the CoAP port
+(SO_REUSEPORT). Every device belongs to one worker, which holds its reply cache, replay
+window, liveness and downlink queue; a datagram the kernel hands to the other worker is
+forwarded to the owner. Metrics are merged on the supervisor's one endpoint.
+
+The figures these tests compare come from real processes: the gateway's, mosquitto's,
+and /proc (the supervisor's children)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiocoap
+
+from gateway.workers import owner
+from tests.coap_raw import RawCoap, uplink_request
+from tests.conftest import Broker, Gateway, Subscription
+
+WORKERS = 2
+DEVICE_COUNT = 24
+DEVICES = [f"w-{i:02d}" for i in range(DEVICE_COUNT)]
+
+
+def devices_of(worker: int) -> list[str]:
+    return [d for d in DEVICES if owner(d, WORKERS) == worker]
+
+
+def start_workers(factory: Callable[..., Gateway], workers: int = WORKERS, **env: str
+                  ) -> Gateway:
+    gw = factory(start=False, NBIOT_GATEWAY__WORKERS=str(workers), **env)
+    rows = ["device_id,type,token,report_interval_s,enabled"]
+    rows += [f"{d},env_th,tok-{d},60,true" for d in DEVICES]
+    (gw.workdir / "devices.csv").write_text("\n".join(rows) + "\n")
+    gw.start()
+    return gw
+
+
+def uri(gw: Gateway, device_id: str) -> str:
+    return f"coap://127.0.0.1:{gw.coap_port}/up/{device_id}?k=tok-{device_id}"
+
+
+def send(gw: Gateway, device_id: str, seq: int, sock: RawCoap | None = None) -> aiocoap.Message:
+    request = uplink_request(uri(gw, device_id), {"seq": seq, "temperature": 20.0 + seq})
+    if sock is not None:
+        return sock.exchange(request)
+    with RawCoap(gw.coap_port) as device:
+        return device.exchange(request)
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+def published(sub: Subscription) -> list[tuple[str, int]]:
+    return sorted((m["device_id"], m["seq"]) for m in sub.messages())
+
+
+def test_workers_share_the_port_and_publish_every_uplink_once(
+    gateway_factory: Callable[..., Gateway], subscribe: Callable[[str], Subscription]
+) -> None:
+    assert devices_of(0) and devices_of(1)  # the hash gives each worker some devices
+    sub = subscribe("nbiot/#")
+    gw = start_workers(gateway_factory)
+    assert gw.proc is not None
+    assert len(children(gw.proc.pid)) == WORKERS
+
+    # Each exchange from a socket of its own: the kernel spreads them over both workers.
+    replies = [send(gw, d, seq) for seq in (1, 2) for d in DEVICES]
+
+    assert {r.code for r in replies} == {aiocoap.CHANGED}
+    sub.wait_count(2 * DEVICE_COUNT)
+    assert published(sub) == sorted((d, s) for d in DEVICES for s in (1, 2))
+    assert gw.metric("nbiot_gateway_workers") == WORKERS
+    assert gw.metric("nbiot_gateway_workers_up") == WORKERS
+    assert gw.metric("nbiot_gateway_uplinks_accepted_total") == 2 * DEVICE_COUNT
+    assert gw.metric("nbiot_gateway_registry_devices") == DEVICE_COUNT  # each its share
+    # About half the datagrams arrive at the worker that does not own the device.
+    assert 0 < gw.metric("nbiot_gateway_worker_forwarded_datagrams_total") < 2 * DEVICE_COUNT
+    assert gw.metric("nbiot_gateway_mqtt_connected") == 1
+    with open(gw.log_path) as log:
+        text = log.read()
+    assert "worker=0" in text and "worker=1" in text
+
+
+def test_a_retransmission_from_new_ports_is_published_once(
+    gateway_factory: Callable[..., Gateway], subscribe: Callable[[str], Subscription]
+) -> None:
+    """NAT rebinding: the same (device, seq) from 16 source ports. The kernel hashes them
+    over both workers; only the owner's replay window may decide, so one is published."""
+    sub = subscribe("nbiot/#")
+    gw = start_workers(gateway_factory)
+    device = DEVICES[0]
+    sockets = [RawCoap(gw.coap_port) for _ in range(16)]
+    try:
+        replies = [send(gw, device, 1, s) for s in sockets]
+        barrier = send(gw, device, 2)
+    finally:
+        for s in sockets:
+            s.sock.close()
+    assert {r.code for r in replies} == {aiocoap.CHANGED} and barrier.code == aiocoap.CHANGED
+    messages = sub.wait_count(2)
+    while 2 not in [m["seq"] for m in messages]:
+        messages = sub.wait_count(len(messages) + 1)
+    assert published(sub) == [(device, 1), (device, 2)]
+    assert gw.metric("nbiot_gateway_uplinks_duplicate_total") == 15
+    assert gw.metric("nbiot_gateway_worker_forwarded_datagrams_total") > 0
+
+
+def test_a_command_reaches_a_device_owned_by_the_other_worker(
+    gateway_factory: Callable[..., Gateway], broker: Broker,
+    subscribe: Callable[[str], Subscription]
+) -> None:
+    """Worker 0 alone subscribes to commands; worker 1's device gets its own, stored by
+    worker 1 before worker 0 acknowledges it to the broker."""
+    gw = start_workers(gateway_factory)
+    device = devices_of(1)[0]
+    down = f"nbiot/plant/env_th/{device}/down"
+    acks = subscribe(f"{down}/ack")
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                    "-t", down, "-m", json.dumps({"id": "c1", "set": {"x": 1}})],
+                   check=True, timeout=10)
+    assert [m["state"] for m in acks.wait_count(1, "/down/ack")] == ["queued"]
+
+    carrying = send(gw, device, 1)
+
+    assert carrying.code == aiocoap.CHANGED
+    assert json.loads(carrying.payload) == {"id": "c1", "set": {"x": 1}, "pending": 0}
+    assert gw.workdir.joinpath("downlink.w1.sqlite").exists()
+
+
+def test_sigterm_stops_every_worker_and_exits_0(gateway_factory: Callable[..., Gateway]) -> None:
+    gw = start_workers(gateway_factory)
+    assert gw.proc is not None
+    pids = children(gw.proc.pid)
+    send(gw, DEVICES[0], 1)
+
+    assert gw.stop(signal.SIGTERM) == 0
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_dead_worker_stops_the_gateway_and_nothing_acked_is_lost(
+    gateway_factory: Callable[..., Gateway], broker: Broker,
+    subscribe: Callable[[str], Subscription]
+) -> None:
+    """kill -9 of one worker, with the broker down: the supervisor stops the other and
+    exits 1 (systemd restarts it); after a restart, every acked uplink is published."""
+    gw = start_workers(gateway_factory)
+    assert gw.proc is not None
+    broker.stop()
+    replies = [send(gw, d, 1) for d in DEVICES]
+    assert {r.code for r in replies} == {aiocoap.CHANGED}
+
+    os.kill(children(gw.proc.pid)[1], signal.SIGKILL)
+    assert gw.proc.wait(60) == 1
+    gw.proc = None
+    assert "exited unexpectedly" in gw.log_path.read_text()
+
+    broker.start()
+    sub = subscribe("nbiot/#")
+    gw.start()
+    sub.wait_count(DEVICE_COUNT)
+    assert published(sub) == sorted((d, 1) for d in DEVICES)
+
+
+def test_changing_the_worker_count_keeps_spooled_uplinks_and_replay_state(
+    gateway_factory: Callable[..., Gateway], broker: Broker,
+    subscribe: Callable[[str], Subscription]
+) -> None:
+    """Two workers spool with the broker down; the gateway restarts with one worker (and
+    then three): every record is published, and an old seq is still a duplicate."""
+    gw = start_workers(gateway_factory)
+    broker.stop()
+    assert {send(gw, d, 7).code for d in DEVICES} == {aiocoap.CHANGED}
+    assert gw.stop() == 0
+    assert list(gw.workdir.glob("spool.w*.sqlite"))
+
+    broker.start()
+    sub = subscribe("nbiot/#")
+    gw.env_extra["NBIOT_GATEWAY__WORKERS"] = "1"
+    gw.start()
+    sub.wait_count(DEVICE_COUNT)
+    assert not list(gw.workdir.glob("spool.w*.sqlite"))
+    retried = send(gw, DEVICES[3], 7)  # a device retrying after the restart
+    assert retried.code == aiocoap.CHANGED
+    assert gw.metric("nbiot_gateway_uplinks_duplicate_total") == 1
+    assert gw.stop() == 0
+
+    gw.env_extra["NBIOT_GATEWAY__WORKERS"] = "3"
+    gw.start()
+    assert send(gw, DEVICES[5], 7).code == aiocoap.CHANGED
+    assert gw.metric("nbiot_gateway_uplinks_duplicate_total") == 1
+    assert send(gw, DEVICES[5], 8).code == aiocoap.CHANGED
+    sub.wait_count(DEVICE_COUNT + 1)
+    time.sleep(0.5)  # a wrongly forwarded duplicate would arrive with seq 8
+    assert published(sub) == sorted([(d, 7) for d in DEVICES] + [(DEVICES[5], 8)])
+
+
+def test_workers_refuse_coaps_at_check_config(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[gateway]\nworkers = 2\n[coaps]\nenabled = true\nbind = "127.0.0.1"\n')
+    done = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
+                           str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "DTLS sessions are not shared between workers" in done.stdout + done.stderr
+
+
+def test_port_zero_means_one_port_for_every_worker(
+    gateway_factory: Callable[..., Gateway]
+) -> None:
+    gw = start_workers(gateway_factory, NBIOT_COAP__PORT="0")
+    started = re.search(r"started 2 workers .* port (\d+)", gw.log_path.read_text())
+    assert started is not None and started.group(1) != "0"
+    gw.coap_port = int(started.group(1))
+    assert {send(gw, d, 1).code for d in DEVICES} == {aiocoap.CHANGED}
