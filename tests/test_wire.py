@@ -10,6 +10,7 @@ from aiocoap.optiontypes import BlockOption, OpaqueOption
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.coap import numbers as C
 from gateway.coap import wire
 
 PROPERTY = settings(max_examples=300, deadline=None)
@@ -126,3 +127,8 @@ def test_block_option_round_trips_with_aiocoap(value: BlockOption.BlockwiseTuple
     assert (parsed.num, parsed.more, parsed.szx, parsed.size) == (
         value.block_number, value.more, value.size_exponent, value.size)
     assert parsed.encode() == encoded
+
+
+@given(code=st.integers(0, 255), mid=st.integers(0, 0xFFFF), token=st.binary(max_size=8))
+def test_encode_ack_is_encode_of_a_bare_ack(code: int, mid: int, token: bytes) -> None:
+    assert wire.encode_ack(code, mid, token) == wire.encode(wire.Message(C.ACK, code, mid, token))

@@ -276,6 +276,17 @@ class CoapServer(asyncio.DatagramProtocol):
         verdict: Verdict,
         block: wire.Block | None,
     ) -> None:
+        if (request.mtype == C.CON and not verdict.payload and verdict.max_age_s is None
+                and block is None and verdict.code < C.BAD_REQUEST):
+            data = wire.encode_ack(verdict.code, request.mid, request.token)  # a bare 2.04
+        else:
+            data = self._encode_reply(request, verdict, block)
+        if key in self._replies:
+            self._replies[key] = data
+        self._send(data, addr)
+
+    def _encode_reply(self, request: wire.Message, verdict: Verdict, block: wire.Block | None
+                      ) -> bytes:
         options: list[tuple[int, bytes]] = []
         if verdict.content_format is not None and verdict.payload:
             options.append((C.CONTENT_FORMAT, wire.uint_value(verdict.content_format)))
@@ -295,9 +306,7 @@ class CoapServer(asyncio.DatagramProtocol):
         if verdict.code >= C.BAD_REQUEST and not verdict.authenticated:
             data = self._no_amplification(request, data, mtype, verdict.code, mid, options,
                                           verdict.payload)
-        if key in self._replies:
-            self._replies[key] = data
-        self._send(data, addr)
+        return data
 
     @staticmethod
     def _no_amplification(request: wire.Message, data: bytes, mtype: int, code: int, mid: int,

@@ -103,6 +103,12 @@ def _ext(value: int) -> tuple[int, bytes]:
     return 14, (value - 269).to_bytes(2, "big")
 
 
+def encode_ack(code: int, mid: int, token: bytes) -> bytes:
+    """`encode(Message(ACK, code, mid, token))`, for the reply most uplinks get (a bare 2.04)
+    without building a Message."""
+    return bytes((0x60 | len(token), code, mid >> 8, mid & 0xFF)) + token
+
+
 def encode(msg: Message) -> bytes:
     out = bytearray(
         (0x40 | (msg.mtype << 4) | len(msg.token), msg.code, msg.mid >> 8, msg.mid & 0xFF)
