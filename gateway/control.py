@@ -1,18 +1,22 @@
 """The supervisor's line to each worker (gateway.workers > 1): a stream socketpair made
-before the fork, one request at a time.
+before the fork.
 
-Requests are one line (`ready`, `metrics`); an answer is its length in bytes on a line,
-then the bytes. `ready` answers `1 reason` or `0 reason`; the first answer also tells the
-supervisor the worker has started. `metrics` answers the worker's Prometheus exposition.
-When the supervisor's end closes (it died, even by kill -9), the worker stops.
+A request is one line, `{id} {what}` (`ready`, `metrics`); its answer is a line
+`{id} {length}` and then that many bytes. `ready` answers `1 reason` or `0 reason`; the
+first answer also tells the supervisor the worker has started. `metrics` answers the
+worker's Prometheus exposition. The id lets the supervisor give up on a slow answer and
+throw it away when it comes, without closing the line: closing it is how the supervisor
+says it is gone (it died, even by kill -9), and the worker then stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -31,7 +35,7 @@ async def serve(sock: socket.socket, ready: Callable[[], tuple[bool, str]],
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
         while line := await reader.readline():
-            request = line.strip()
+            request_id, _, request = line.strip().partition(b" ")
             if request == READY:
                 ok, why = ready()
                 body = f"{int(ok)} {why}".encode()
@@ -39,7 +43,7 @@ async def serve(sock: socket.socket, ready: Callable[[], tuple[bool, str]],
                 body = exposition()
             else:
                 body = b""
-            writer.write(b"%d\n" % len(body) + body)
+            writer.write(b"%s %d\n" % (request_id, len(body)) + body)
             await writer.drain()
     except (ConnectionError, OSError) as e:
         log.warning("supervisor connection failed: %s", e)
@@ -55,37 +59,61 @@ class WorkerLine:
     def __init__(self, index: int, sock: socket.socket) -> None:
         self.index = index
         self._sock = sock
-        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self._lock = asyncio.Lock()
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._closed: str | None = None  # why, once the line is gone
+        self.answered_at = time.monotonic()  # the last answer (or the start)
 
     async def ask(self, request: bytes, timeout_s: float) -> bytes:
-        async with self._lock:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    if self._streams is None:
-                        self._streams = await asyncio.open_connection(sock=self._sock)
-                    reader, writer = self._streams
-                    writer.write(request + b"\n")
-                    await writer.drain()
-                    length = int(await reader.readline() or b"-1")
-                    if length < 0:
-                        raise ControlError(f"worker {self.index} closed its control line")
-                    return await reader.readexactly(length)
-            except (TimeoutError, ConnectionError, OSError, ValueError,
-                    asyncio.IncompleteReadError) as e:
-                self.close()  # a half-read answer would shift every later one
-                raise ControlError(f"worker {self.index} did not answer {request.decode()!r}: "
-                                   f"{e or type(e).__name__}") from None
+        if self._closed is not None:
+            raise ControlError(f"worker {self.index}: {self._closed}")
+        if self._writer is None:
+            reader, self._writer = await asyncio.open_connection(sock=self._sock)
+            self._reading = asyncio.create_task(self._read(reader))
+        request_id = next(self._ids)
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = answer
+        try:
+            self._writer.write(b"%d %s\n" % (request_id, request))
+            async with asyncio.timeout(timeout_s):
+                return await answer
+        except TimeoutError:
+            raise ControlError(f"worker {self.index} did not answer {request.decode()!r} "
+                               f"within {timeout_s:.0f}s") from None
+        except (ConnectionError, OSError) as e:
+            raise ControlError(f"worker {self.index}: {e}") from None
+        finally:
+            self._waiting.pop(request_id, None)  # a late answer is read and dropped
 
     async def ready(self, timeout_s: float) -> tuple[bool, str]:
         answer = (await self.ask(READY, timeout_s)).decode(errors="replace")
         flag, _, why = answer.partition(" ")
         return flag == "1", why
 
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        why = "its control line closed"
+        try:
+            while header := await reader.readline():
+                request_id, length = map(int, header.split())
+                body = await reader.readexactly(length)
+                self.answered_at = time.monotonic()
+                answer = self._waiting.get(request_id)
+                if answer is not None and not answer.done():
+                    answer.set_result(body)
+        except (ConnectionError, OSError, ValueError, asyncio.IncompleteReadError) as e:
+            why = f"its control line failed: {e}"
+        self._closed = why
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_exception(ControlError(f"worker {self.index}: {why}"))
+
     def close(self) -> None:
-        if self._streams is not None:
-            self._streams[1].close()
-            self._streams = None
+        if self._reading is not None:
+            self._reading.cancel()
+        if self._writer is not None:
+            self._writer.close()
         else:
             with contextlib.suppress(OSError):
                 self._sock.close()

@@ -27,6 +27,7 @@ from gateway.timefmt import rfc3339_ms
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_BYTES = 512  # one NB-IoT datagram must still carry the reply
+TOO_LARGE = f"command larger than {MAX_COMMAND_BYTES} bytes"
 MAX_TTL_S = 30 * 86400
 DEFAULT_TTL_S = 3600
 MAX_PENDING_PER_DEVICE = 32
@@ -77,7 +78,7 @@ class CommandRejected(ValueError):
 def parse_command(payload: bytes) -> tuple[str, dict[str, object], float]:
     """(id, body, ttl_s) of a command message, or CommandRejected saying why."""
     if len(payload) > MAX_COMMAND_BYTES:
-        raise CommandRejected(f"command larger than {MAX_COMMAND_BYTES} bytes")
+        raise CommandRejected(TOO_LARGE)
     try:
         body = json.loads(payload)
     except (ValueError, RecursionError):
@@ -128,9 +129,7 @@ class Downlink:
             if len(queue) >= MAX_PENDING_PER_DEVICE:
                 raise CommandRejected(f"{MAX_PENDING_PER_DEVICE} commands already pending")
         except CommandRejected as e:
-            command_id = _id_of(payload)
-            log.warning("downlink for %s/%s rejected: %s", device_type, device_id, e)
-            self._status(device_id, device_type, command_id, REJECTED, str(e))
+            self.reject(device_type, device_id, payload, str(e))
             return
         queue[:] = [c for c in queue if c.command_id != command_id]  # a re-sent id replaces
         command = Command(device_id, command_id, body, time.time() + ttl_s)
@@ -139,6 +138,11 @@ class Downlink:
         self._upserts[(device_id, command_id)] = command
         await self.save()
         self._status(device_id, device_type, command_id, QUEUED, "")
+
+    def reject(self, device_type: str, device_id: str, payload: bytes, why: str) -> None:
+        """Say `rejected` on the command's ack topic (nothing is stored)."""
+        log.warning("downlink for %s/%s rejected: %s", device_type, device_id, why)
+        self._status(device_id, device_type, _id_of(payload), REJECTED, why)
 
     # -- the uplink path (hot) -------------------------------------------------------
     def confirm(self, device_id: str, device_type: str, command_id: str) -> None:

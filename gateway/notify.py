@@ -107,10 +107,14 @@ class Notifier:
     signal.) `status` builds a full `STATUS=...` line; it is called on the loop.
     """
 
-    def __init__(self, status: Callable[[], str], environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, status: Callable[[], str], environ: Mapping[str, str] | None = None,
+                 alive: Callable[[], bool] | None = None) -> None:
+        """`alive`: asked before each watchdog ping; False withholds it (the supervisor's
+        way to have systemd restart the service when one of its workers is stuck)."""
         env = dict(os.environ if environ is None else environ)
         self._environ = env
         self._status = status
+        self._alive = alive
         self.watchdog_interval_s = watchdog_interval_s(env)
         self.status_interval_s = min(STATUS_INTERVAL_S, self.watchdog_interval_s or STATUS_INTERVAL_S)
         self._task: asyncio.Task[None] | None = None
@@ -140,7 +144,10 @@ class Notifier:
         while True:
             now = loop.time()
             if self.watchdog_interval_s is not None and now >= next_ping:
-                self.send("WATCHDOG=1")
+                if self._alive is None or self._alive():
+                    self.send("WATCHDOG=1")
+                else:
+                    log.error("not pinging the systemd watchdog: a worker is not answering")
                 next_ping = now + self.watchdog_interval_s
             if now >= next_status:
                 self._send_status()

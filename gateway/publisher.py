@@ -65,7 +65,9 @@ class Publisher:
         self._mqtt = mqtt
         self._spool = spool
         self._metrics = metrics
-        self._status_topic = status_topic(mqtt, gateway_id)
+        # The gateway's retained online/offline and last will: worker 0's alone, so one
+        # worker's lost connection does not mark the whole gateway offline.
+        self._status_topic = None if worker else status_topic(mqtt, gateway_id)
         self._client_id = mqtt.client_id or f"nbiot-gateway-{gateway_id}"
         if worker:  # worker 0 keeps the single process's session (and its subscription)
             self._client_id += f"-w{worker}"
@@ -88,7 +90,8 @@ class Publisher:
             keepalive_s=self._mqtt.keepalive_s,
             username=self._mqtt.username,
             password=password,
-            will=Will(self._status_topic, b"offline", qos=1, retain=True),
+            will=Will(self._status_topic, b"offline", qos=1, retain=True)
+            if self._status_topic else None,
             tls=tls_context,
             # A persistent session: commands published for devices while the gateway is
             # away wait in the broker. Our own QoS 1 publishes are re-sent from the spool.
@@ -122,7 +125,8 @@ class Publisher:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
     async def _session(self, client: MqttClient, stop: asyncio.Event) -> None:
-        await client.publish_and_wait(self._status_topic, b"online", qos=1, retain=True)
+        if self._status_topic:
+            await client.publish_and_wait(self._status_topic, b"online", qos=1, retain=True)
         self._set_connected(True)
         self._backoff.reset()
         log.info("connected to broker %s:%d as %s; %d records to publish",
@@ -134,15 +138,19 @@ class Publisher:
                                            name="mqtt-commands")
         try:
             await self._publish_spool(client, stop)
-            await client.publish_and_wait(self._status_topic, b"offline", qos=1, retain=True)
+            if self._status_topic:
+                await client.publish_and_wait(self._status_topic, b"offline", qos=1,
+                                              retain=True)
             await client.disconnect()
-            log.info("published the spool and marked the gateway offline; disconnected")
+            log.info("published the spool%s; disconnected",
+                     " and marked the gateway offline" if self._status_topic else "")
         except asyncio.CancelledError:
             # The drain ran out of time. A clean disconnect makes the broker discard the last
             # will, so say `offline` ourselves; QoS 0 is written at once, not queued behind
             # the unacked window.
             with contextlib.suppress(MqttError):
-                client.publish(self._status_topic, b"offline", qos=0, retain=True)
+                if self._status_topic:
+                    client.publish(self._status_topic, b"offline", qos=0, retain=True)
                 await asyncio.wait_for(client.disconnect(), STATUS_TIMEOUT_S)
             raise
         finally:

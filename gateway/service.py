@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from gateway import gctune
 from gateway.coap.server import CoapServer, bind_udp
 from gateway.config import Settings, load_config
-from gateway.downlink import Downlink, DownlinkStore
+from gateway.downlink import MAX_COMMAND_BYTES, TOO_LARGE, Downlink, DownlinkStore
 from gateway.errors import ConfigError
 from gateway.liveness import Liveness, LivenessStore
 from gateway.metrics import NS, Metrics, MetricsServer
@@ -26,7 +26,7 @@ from gateway.pipeline import Pipeline
 from gateway.publisher import Publisher
 from gateway.registry import Registry, load_registry
 from gateway.spool import Spool
-from gateway.workers import WorkerLinks, state_files
+from gateway.workers import WorkerLinks, state_files, worker_share
 
 if TYPE_CHECKING:
     from gateway.coap.dtls import DtlsServer
@@ -34,16 +34,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 COMMIT_WAIT_S = 5.0
+STOP_AND_RELOAD = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 class Service:
     def __init__(self, settings: Settings, config_path: Path | None = None,
                  links: WorkerLinks | None = None) -> None:
         """`links`: set when this is one of several workers under the supervisor."""
-        self.settings = settings
-        self.config_path = config_path
         self._links = links
         self._worker, self._workers = (links.index, links.workers) if links else (0, 1)
+        self.settings = worker_share(settings, self._workers)
+        self.config_path = config_path
         self._siblings: Siblings | None = None
         self._control_task: asyncio.Task[None] | None = None
         self.metrics = Metrics()
@@ -82,15 +83,13 @@ class Service:
         registry = self._load_registry(s)
         assert s.liveness.path is not None  # load_config derives it from the spool path
         files = state_files(s.spool.path, s.liveness.path, self._worker, self._workers)
-        # Workers share spool.max_bytes: the disk holds what the operator configured.
-        max_bytes = s.spool.max_bytes // self._workers
-        self._spool = spool = Spool(files.spool, max_bytes, s.spool.max_batch)
+        self._spool = spool = Spool(files.spool, s.spool.max_bytes, s.spool.max_batch)
         spool.open()
         spool.on_commit = self._on_commit
         m = self.metrics
         m.spool_records.set_function(lambda: spool.records)
         m.spool_bytes.set_function(lambda: spool.size_bytes)
-        m.spool_max_bytes.set(max_bytes)
+        m.spool_max_bytes.set(s.spool.max_bytes)
         m.workers.set(self._workers)
         m.workers_up.set(self._workers)
         topic_base = f"{s.mqtt.topic_prefix}/{s.gateway.tenant}"
@@ -147,6 +146,7 @@ class Service:
         for sig, handler in ((signal.SIGTERM, self.stop.set), (signal.SIGINT, self.stop.set),
                              (signal.SIGHUP, self._reload.set)):
             loop.add_signal_handler(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_AND_RELOAD)  # a worker blocks them
         log.info("gateway %s ready: %s, %d devices, %d types, spool %s "
                  "(%d records waiting), broker %s:%d, metrics %s, started in %.2fs",
                  s.gateway.id, ", ".join(listening), len(registry), len(s.types), files.spool,
@@ -222,7 +222,7 @@ class Service:
             broker_connected=self._publisher is not None and self._publisher.connected,
             spool_records=spool.records if spool is not None else 0,
             spool_bytes=spool.size_bytes if spool is not None else 0,
-            spool_max_bytes=spool.max_bytes if spool is not None else 0)
+            spool_max_bytes=self.settings.spool.max_bytes)
 
     def _on_commit(self, records: int, seconds: float) -> None:
         self.metrics.spool_commit_seconds.observe(seconds)
@@ -236,6 +236,8 @@ class Service:
         assert self._downlink is not None
         if self._siblings is None or self._siblings.owns(device_id):
             await self._downlink.receive(device_type, device_id, payload)
+        elif len(payload) > MAX_COMMAND_BYTES:  # the owner would refuse it: no need to send
+            self._downlink.reject(device_type, device_id, payload, TOO_LARGE)
         else:
             await self._siblings.forward_command(device_type, device_id, payload)
 
@@ -279,7 +281,8 @@ class Service:
         assert self._pipeline is not None
         self._notifier.send(reloading_message())
         try:
-            settings = load_config(self.config_path) if self.config_path else self.settings
+            settings = (worker_share(load_config(self.config_path), self._workers)
+                        if self.config_path else self.settings)
             registry = self._load_registry(settings)
         except ConfigError as e:
             log.error("reload failed, keeping the current registry: %s", "; ".join(e.problems))

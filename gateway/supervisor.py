@@ -31,12 +31,13 @@ from gateway.control import WorkerLine
 from gateway.metrics import MetricsServer
 from gateway.metrics_merge import merge
 from gateway.notify import Notifier, UplinkRate, status_line
+from gateway.service import STOP_AND_RELOAD
 from gateway.workers import WorkerLinks
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0
-ASK_TIMEOUT_S = 5.0
+ASK_TIMEOUT_S = 2.0  # a scrape waits this long for a stuck worker (Prometheus: 10 s)
 STATUS_REFRESH_S = 5.0
 KILL_AFTER_S = 60.0  # past shutdown_grace_s: a worker that still has not exited is killed
 
@@ -72,6 +73,11 @@ def run(settings: Settings, config_path: Path | None) -> int:
 def _bind_shared(host: str, port: int, n: int) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
+        if port:
+            # SO_REUSEPORT would let us join another process's group on this port (another
+            # gateway, with other state: duplicates forwarded twice). A plain bind fails
+            # if anyone holds the port.
+            bind_udp(host, port).close()
         for _ in range(n):
             socks.append(bind_udp(host, port, reuse_port=True))
             port = socks[0].getsockname()[1]  # port 0: the one the kernel chose, for all
@@ -85,6 +91,9 @@ def _bind_shared(host: str, port: int, n: int) -> list[socket.socket]:
 def _worker_main(settings: Settings, config_path: Path | None, links: WorkerLinks,
                  others: list[socket.socket]) -> int:
     """The forked child: one worker's Service, and nothing of the parent's."""
+    # Held until the service has its handlers (gateway/service.py): a stop or reload passed
+    # on while the worker starts must not kill it with the default action.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_AND_RELOAD)
     for sock in others:
         sock.close()
     for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor's own
@@ -119,7 +128,7 @@ class Supervisor:
         self._status = "STATUS=starting workers"
         self._last_metrics: dict[int, bytes] = {}  # worker -> its last exposition
         self._uplink_rate = UplinkRate()
-        self._notifier = Notifier(lambda: self._status)
+        self._notifier = Notifier(lambda: self._status, alive=self._workers_answer)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -133,7 +142,7 @@ class Supervisor:
         code = 0
         try:
             if not await self._started():
-                return 1
+                return 0 if self._stop.is_set() else 1  # a stop while starting is a stop
             s = self._settings
             if s.metrics.enabled:
                 server = MetricsServer(self._exposition, self._ready)
@@ -208,6 +217,13 @@ class Supervisor:
                 await asyncio.wait_for(self._exited.wait(), left)
         return 0 if all(c == 0 for c in self._exit_codes.values()) else 1
 
+    def _workers_answer(self) -> bool:
+        """Every worker answered within the watchdog's interval (the status refresh asks
+        each every STATUS_REFRESH_S); a stuck one must not be hidden by our own pings."""
+        limit = max(2 * STATUS_REFRESH_S, self._notifier.watchdog_interval_s or 0.0)
+        now = time.monotonic()
+        return all(now - line.answered_at < limit for line in self._lines)
+
     def _reload(self) -> None:
         self._notifier.send("RELOADING=1")
         log.info("reload: passing SIGHUP to the workers")
@@ -240,7 +256,10 @@ class Supervisor:
             if not ok:
                 return False, f"worker {line.index}: {why}"
             reasons.append(why.removeprefix("ready: "))
-        return True, f"ready: {len(self._lines)} workers, {reasons[0]}"
+        if len(set(reasons)) == 1:
+            return True, f"ready: {len(self._lines)} workers, {reasons[0]}"
+        return True, f"ready: {len(self._lines)} workers: " + "; ".join(
+            f"worker {k}: {why}" for k, why in enumerate(reasons))
 
     async def _keep_status_fresh(self) -> None:
         while True:

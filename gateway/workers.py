@@ -14,12 +14,31 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.config import Settings
+
 
 def owner(device_id: str, workers: int) -> int:
     """The index of the worker owning `device_id` (CRC-32: the same on every start)."""
     if workers <= 1:
         return 0
     return zlib.crc32(device_id.encode()) % workers
+
+
+def worker_share(settings: Settings, workers: int) -> Settings:
+    """One worker's part of the gateway-wide budgets, so N workers together hold to the
+    configured figures: spool bytes, uplinks in flight, dead letters per second, reply
+    cache entries (each worker serves about 1/N of the devices)."""
+    if workers <= 1:
+        return settings
+    spool, limits, coap = settings.spool, settings.limits, settings.coap
+    return settings.model_copy(update={
+        "spool": spool.model_copy(update={"max_bytes": spool.max_bytes // workers}),
+        "limits": limits.model_copy(update={
+            "max_in_flight": max(1, limits.max_in_flight // workers),
+            "dead_letters_per_s": limits.dead_letters_per_s / workers}),
+        "coap": coap.model_copy(update={
+            "dedup_max_entries": max(1, coap.dedup_max_entries // workers)}),
+    })
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ and /proc (the supervisor's children)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -222,3 +224,84 @@ def test_port_zero_means_one_port_for_every_worker(
     assert started is not None and started.group(1) != "0"
     gw.coap_port = int(started.group(1))
     assert {send(gw, d, 1).code for d in DEVICES} == {aiocoap.CHANGED}
+
+
+def test_a_stuck_worker_is_reported_and_stops_the_watchdog_but_not_the_gateway(
+    gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """SIGSTOP one worker for 12 s: /metrics says 1 of 2 workers up, the supervisor stops
+    pinging systemd's watchdog (which would restart the service), and nothing exits; after
+    SIGCONT both answer and the pings come back."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.2)
+    try:
+        check_stuck_worker(gateway_factory, notify, tmp_path)
+    finally:
+        notify.close()
+
+
+def check_stuck_worker(gateway_factory: Callable[..., Gateway], notify: socket.socket,
+                       tmp_path: Path) -> None:
+    gw = start_workers(gateway_factory, NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+                       WATCHDOG_USEC="2000000")
+    assert gw.proc is not None
+
+    def pings(seconds: float) -> int:
+        count, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                count += notify.recv(4096).count(b"WATCHDOG=1")
+        return count
+
+    assert pings(2.5) >= 1
+    stuck = children(gw.proc.pid)[1]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        assert gw.metric("nbiot_gateway_workers_up") == 1
+        time.sleep(9)  # past the supervisor's patience: 10 s without an answer
+        pings(0.5)  # those sent before, still queued in the socket
+        assert pings(3) == 0
+        assert gw.proc.poll() is None
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    assert gw.metric("nbiot_gateway_workers_up") == 2
+    assert pings(2.5) >= 1
+    assert gw.proc.poll() is None and "exited" not in gw.log_path.read_text()
+
+
+def test_an_oversized_command_for_another_workers_device_is_rejected_and_acked(
+    gateway_factory: Callable[..., Gateway], broker: Broker,
+    subscribe: Callable[[str], Subscription]
+) -> None:
+    gw = start_workers(gateway_factory)
+    device = devices_of(1)[0]
+    down = f"nbiot/plant/env_th/{device}/down"
+    acks = subscribe(f"{down}/ack")
+    big = json.dumps({"id": "huge", "pad": "x" * 300_000})
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                    "-t", down, "-s"], input=big.encode(), check=True, timeout=10)
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                    "-t", down, "-m", json.dumps({"id": "small"})], check=True, timeout=10)
+
+    states = [(m["id"], m["state"]) for m in acks.wait_count(2, "/down/ack")]
+    assert states == [("huge", "rejected"), ("small", "queued")]  # the queue moved on
+    assert json.loads(send(gw, device, 1).payload)["id"] == "small"
+
+
+def test_the_port_held_by_another_process_is_refused(
+    gateway_factory: Callable[..., Gateway]
+) -> None:
+    """SO_REUSEPORT must not let the workers join a group another process made."""
+    gw = gateway_factory(start=False, NBIOT_GATEWAY__WORKERS="2")
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", gw.coap_port))
+    try:
+        done = subprocess.run([sys.executable, "-m", "gateway", "run", "--config",
+                               str(gw.config_path)], capture_output=True, text=True,
+                              timeout=60, cwd=gw.workdir)
+    finally:
+        holder.close()
+    assert done.returncode == 1
+    assert f"cannot bind udp 127.0.0.1 port {gw.coap_port}" in done.stderr
