@@ -31,7 +31,7 @@ from gateway.control import WorkerLine
 from gateway.metrics import MetricsServer
 from gateway.metrics_merge import merge
 from gateway.notify import Notifier, UplinkRate, status_line
-from gateway.service import STOP_AND_RELOAD
+from gateway.service import STOP_AND_RELOAD, Service
 from gateway.workers import WorkerLinks
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,6 @@ def _worker_main(settings: Settings, config_path: Path | None, links: WorkerLink
     for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor's own
         os.environ.pop(var, None)
     from gateway.logs import setup_logging
-    from gateway.service import Service
     from gateway.spool import SpoolError
 
     setup_logging(settings.gateway.log_level, links.index)
