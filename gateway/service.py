@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 COMMIT_WAIT_S = 5.0
 STOP_AND_RELOAD = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+RELOADABLE = ("registry", "types", "sim")  # config sections SIGHUP applies (sim: not ours)
 
 
 class Service:
@@ -277,16 +278,18 @@ class Service:
             stop_wait.cancel()
 
     def reload(self) -> None:
-        """SIGHUP: re-read config types and registry; keep the old ones if anything is wrong."""
+        """SIGHUP: re-read config types and registry; keep the old ones if anything is wrong.
+        Every other setting stays as started (ports, broker, topics, tenant, spool, limits):
+        changing those is a restart, and the log says which changed."""
         assert self._pipeline is not None
         self._notifier.send(reloading_message())
         try:
-            settings = (worker_share(load_config(self.config_path), self._workers)
-                        if self.config_path else self.settings)
+            settings = self._reloaded_settings()
             registry = self._load_registry(settings)
         except ConfigError as e:
             log.error("reload failed, keeping the current registry: %s", "; ".join(e.problems))
         else:
+            self.settings = settings
             self._pipeline.replace_registry(registry, settings)
             if self._liveness is not None:
                 self._liveness.replace_registry(registry)
@@ -298,6 +301,18 @@ class Service:
             log.info("reloaded registry %s: %d devices", settings.registry.path, len(registry))
             gctune.settle()
         self._notifier.send("READY=1")
+
+    def _reloaded_settings(self) -> Settings:
+        if self.config_path is None:
+            return self.settings
+        new = worker_share(load_config(self.config_path), self._workers)
+        waiting = [name for name in type(new).model_fields
+                   if name not in RELOADABLE and getattr(new, name) != getattr(self.settings, name)]
+        if waiting:
+            log.warning("reload: changed [%s] in %s take effect at the next restart; only "
+                        "the registry and the device types are reloaded", ", ".join(waiting),
+                        self.config_path)
+        return self.settings.model_copy(update={name: getattr(new, name) for name in RELOADABLE})
 
     # -- shutdown --------------------------------------------------------------------
     async def shutdown(self) -> None:

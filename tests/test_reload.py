@@ -9,7 +9,7 @@ from collections.abc import Callable
 import aiocoap
 
 from tests.coap_raw import RawCoap, uplink_request
-from tests.conftest import DEVICES, Gateway, wait_for
+from tests.conftest import DEVICES, Gateway, Subscription, wait_for
 
 TH = DEVICES[0]
 
@@ -70,3 +70,23 @@ def test_uplinks_sent_across_reloads_are_all_answered(
                 gateway.uri(TH), {"seq": seq, "temperature": 20.0})).code)
 
     assert codes == [aiocoap.CHANGED] * 60
+
+
+def test_sighup_applies_registry_and_types_only_and_names_what_waits_for_a_restart(
+    gateway: Gateway, subscribe: Callable[[str], Subscription]
+) -> None:
+    """A tenant changed in the file would move message bodies but not topics if applied
+    live: it waits for the restart, and the log says so."""
+    sub = subscribe("nbiot/#")
+    config = gateway.config_path.read_text()
+    gateway.config_path.write_text(config.replace('tenant = "plant"', 'tenant = "other"'))
+    (gateway.workdir / "devices.csv").write_text(
+        registry_rows(gateway) + "new-2,env_th,tok-new2,60,true\n")
+
+    reload_and_wait(gateway, "reloaded registry")
+
+    assert post(gateway, "new-2", "tok-new2", 1).code == aiocoap.CHANGED
+    [message] = sub.wait_count(1)
+    assert message["tenant"] == "plant"
+    assert sub.lines()[-1][0].startswith("nbiot/plant/")
+    assert "changed [gateway] in" in gateway.log_path.read_text()
