@@ -249,10 +249,6 @@ class Settings(BaseSettings):
     def _ingest(self) -> Settings:
         if not self.coap.enabled and not self.coaps.enabled:
             raise ValueError("coap.enabled and coaps.enabled are both false: no uplink could arrive")
-        if self.gateway.workers > 1 and self.coaps.enabled:
-            raise ValueError(f"gateway.workers is {self.gateway.workers} and coaps.enabled is "
-                             "true: DTLS sessions are not shared between workers yet; use "
-                             "workers = 1 for coaps")
         if self.coap.enabled and self.coaps.enabled and self.coap.port == self.coaps.port:
             raise ValueError(f"coap.port and coaps.port are both {self.coap.port}: "
                              "give coaps a port of its own (5684)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway import gctune
-from gateway.coap.server import CoapServer, bind_udp
+from gateway.coap.server import CoapServer, UplinkSink, bind_udp
 from gateway.config import Settings, load_config
 from gateway.downlink import MAX_COMMAND_BYTES, TOO_LARGE, Downlink, DownlinkStore
 from gateway.errors import ConfigError
@@ -81,7 +81,7 @@ class Service:
         s = self.settings
         started = time.monotonic()
         gctune.tune()
-        registry = self._load_registry(s)
+        every_device, registry = self._load_registry(s)
         assert s.liveness.path is not None  # load_config derives it from the spool path
         files = state_files(s.spool.path, s.liveness.path, self._worker, self._workers)
         self._spool = spool = Spool(files.spool, s.spool.max_bytes, s.spool.max_batch)
@@ -112,6 +112,7 @@ class Service:
                 dedup_max_entries=s.coap.dedup_max_entries,
                 router=self._siblings.route if self._siblings else None)
             if self._links is not None:
+                assert self._links.udp is not None  # bound when coap.enabled
                 sock = self._links.udp  # bound by the supervisor, SO_REUSEPORT
             else:
                 try:
@@ -121,10 +122,11 @@ class Service:
                                            f"{s.coap.port}: {e.strerror}") from None
             await loop.create_datagram_endpoint(lambda: coap, sock=sock)
             listening.append(f"coap udp {s.coap.bind} port {sock.getsockname()[1]}")
-        if s.coaps.enabled:
-            listening.append(await self._start_dtls(registry))
-        if self._siblings is not None and self._coap is not None:
-            self._siblings.start(self._coap.datagram_received, self._downlink.receive)
+        if s.coaps.enabled and self._worker == 0:  # DTLS sessions live in worker 0
+            listening.append(await self._start_dtls(every_device))
+        if self._siblings is not None:
+            self._siblings.start(self._coap.datagram_received if self._coap else _drop,
+                                 self._downlink.receive, self._pipeline)
         metrics_where = "disabled"
         if self._links is not None:
             metrics_where = "served by the supervisor"
@@ -169,7 +171,12 @@ class Service:
 
         s = self.settings
         assert self._pipeline is not None and s.coaps.bind is not None  # config checked both
-        self._dtls = DtlsServer(self._pipeline, self.metrics, registry,
+        sink: UplinkSink = self._pipeline
+        if self._siblings is not None:
+            from gateway.siblings import OwnersSink
+
+            sink = OwnersSink(self._pipeline, self._siblings)
+        self._dtls = DtlsServer(sink, self.metrics, registry,
                                 max_payload_bytes=s.coap.max_payload_bytes,
                                 max_sessions=s.coaps.max_sessions,
                                 session_idle_s=s.coaps.session_idle_s)
@@ -229,9 +236,10 @@ class Service:
         self.metrics.spool_commit_seconds.observe(seconds)
         self.metrics.spool_commit_records.inc(records)
 
-    def _load_registry(self, s: Settings) -> Registry:
-        """The registry, or this worker's share of it."""
-        return load_registry(s.registry.path, s.types).owned_by(self._worker, self._workers)
+    def _load_registry(self, s: Settings) -> tuple[Registry, Registry]:
+        """Every device (coaps keys), and the devices this worker owns (all with one)."""
+        every_device = load_registry(s.registry.path, s.types)
+        return every_device, every_device.owned_by(self._worker, self._workers)
 
     async def _on_command(self, device_type: str, device_id: str, payload: bytes) -> None:
         assert self._downlink is not None
@@ -285,7 +293,7 @@ class Service:
         self._notifier.send(reloading_message())
         try:
             settings = self._reloaded_settings()
-            registry = self._load_registry(settings)
+            every_device, registry = self._load_registry(settings)
         except ConfigError as e:
             log.error("reload failed, keeping the current registry: %s", "; ".join(e.problems))
         else:
@@ -296,7 +304,7 @@ class Service:
             if self._downlink is not None:
                 self._downlink.replace_registry(registry)
             if self._dtls is not None:
-                self._dtls.replace_keys(registry)
+                self._dtls.replace_keys(every_device)
                 self._warn_no_psk()
             log.info("reloaded registry %s: %d devices", settings.registry.path, len(registry))
             gctune.settle()
@@ -362,3 +370,7 @@ class Service:
                             self.settings.gateway.shutdown_grace_s)
             except (Exception, asyncio.CancelledError):  # the publisher's own end, not ours
                 log.exception("publisher failed during shutdown")
+
+
+def _drop(data: bytes, addr: object) -> None:
+    """Where forwarded datagrams go when plain CoAP is off (none are sent then)."""

@@ -10,7 +10,11 @@ fork, and holds a sending end to every inbox. Three messages:
   A  the owner's answer to a C: stored or not. Worker 0 PUBACKs the command only after
      a stored answer, so a command is never acknowledged to the broker before it is
      durable, whichever worker keeps it.
-A full inbox drops a U (the device retransmits; counted) and fails a C (not PUBACKed).
+  P  an uplink worker 0 took over coaps (DTLS sessions live there) for another worker's
+     device: the owner's pipeline judges it, and
+  V  its verdict goes back to worker 0, which answers the device in its DTLS session.
+A full inbox drops a U (the device retransmits; counted), fails a C (not PUBACKed) and
+answers a P with 5.03 and Max-Age.
 """
 
 from __future__ import annotations
@@ -18,25 +22,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 
+from gateway.coap import numbers as C
 from gateway.coap import wire
-from gateway.coap.server import Address, request_path, uplink_device_id
+from gateway.coap.server import Address, UplinkSink, request_path, uplink_device_id
+from gateway.errors import UplinkRejected
 from gateway.metrics import Metrics
+from gateway.model import Uplink, Verdict
 from gateway.workers import owner
 
 log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[str, str, bytes], Awaitable[None]]
+Reply = Callable[[Verdict], None]
 COMMAND_TIMEOUT_S = 10.0
 INBOX_BUFFER_BYTES = 4 << 20
-_U, _C, _A = b"U", b"C", b"A"
+_U, _C, _A, _P, _V = b"U", b"C", b"A", b"P", b"V"
 _ADDR = struct.Struct("!HB")  # port, host length; the host follows
 _COMMAND = struct.Struct("!IBB")  # request id, type length, id length; both follow
 _ANSWER = struct.Struct("!I?")  # request id, stored
+_UPLINK = struct.Struct("!IBI")  # request id, sending worker, header length; header, payload
+_VERDICT = struct.Struct("!IHii?")  # request id, code, content format, max age, authenticated
+_NONE = -1  # content format / max age absent
+VERDICT_TIMEOUT_S = 10.0
 
 
 class SiblingError(Exception):
@@ -56,6 +69,8 @@ class Siblings:
         self._on_command: CommandHandler | None = None
         self._request_ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[bool]] = {}
+        self._verdicts: dict[int, Reply] = {}  # P sent, V awaited
+        self._sink: UplinkSink | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         for sock in (inbox, *outboxes):
             sock.setblocking(False)
@@ -66,9 +81,10 @@ class Siblings:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, INBOX_BUFFER_BYTES)
 
     def start(self, on_datagram: Callable[[bytes, Address], None],
-              on_command: CommandHandler) -> None:
+              on_command: CommandHandler, sink: UplinkSink) -> None:
         self._on_datagram = on_datagram
         self._on_command = on_command
+        self._sink = sink
         self._loop.add_reader(self._inbox.fileno(), self._drain)
 
     def close(self) -> None:
@@ -121,6 +137,31 @@ class Siblings:
         finally:
             self._waiting.pop(request_id, None)
 
+    # -- coaps uplinks: worker 0's DTLS server ----------------------------------------
+    def submit_to_owner(self, uplink: Uplink, reply: Reply) -> None:
+        """Have the owner's pipeline judge `uplink`; `reply` gets its verdict here (or 5.03
+        if the owner cannot be reached or does not answer in VERDICT_TIMEOUT_S)."""
+        target = owner(uplink.device_id, self.workers)
+        request_id = next(self._request_ids) & 0xFFFF_FFFF
+        header = json.dumps([uplink.device_id, uplink.token, uplink.content_format,
+                             uplink.transport, uplink.remote, uplink.received_at,
+                             uplink.received_mono, uplink.peer_identity]).encode()
+        self._verdicts[request_id] = reply
+        if not self._send(target, b"".join((_P, _UPLINK.pack(request_id, self.index,
+                                                             len(header)), header,
+                                            uplink.payload))):
+            self._give_up(request_id, f"worker {target}'s inbox is full")
+            return
+        self._loop.call_later(VERDICT_TIMEOUT_S, self._give_up, request_id,
+                              f"worker {target} did not answer in {VERDICT_TIMEOUT_S:.0f}s")
+
+    def _give_up(self, request_id: int, why: str) -> None:
+        reply = self._verdicts.pop(request_id, None)
+        if reply is not None:
+            log.warning("coaps uplink answered 5.03: %s", why)
+            reply(Verdict(C.SERVICE_UNAVAILABLE, b"busy, retry later", C.CONTENT_FORMAT_TEXT,
+                          max_age_s=5, authenticated=True))
+
     # -- the inbox ---------------------------------------------------------------------
     def _send(self, target: int, message: bytes) -> bool:
         try:
@@ -169,6 +210,34 @@ class Siblings:
             fut = self._waiting.get(request_id)
             if fut is not None and not fut.done():
                 fut.set_result(stored)
+        elif kind == _P:
+            self._judge(message)
+        elif kind == _V:
+            request_id, code, content_format, max_age, authenticated = _VERDICT.unpack_from(
+                message, 1)
+            reply = self._verdicts.pop(request_id, None)
+            if reply is not None:
+                reply(Verdict(code, message[1 + _VERDICT.size:],
+                              None if content_format == _NONE else content_format,
+                              None if max_age == _NONE else max_age, authenticated))
+
+    def _judge(self, message: bytes) -> None:
+        """A P: run the uplink through our pipeline, send the verdict back as a V."""
+        request_id, origin, header_len = _UPLINK.unpack_from(message, 1)
+        start = 1 + _UPLINK.size
+        fields = json.loads(message[start:start + header_len])
+        uplink = Uplink(fields[0], fields[1], fields[2], message[start + header_len:],
+                        *fields[3:])
+
+        def reply(verdict: Verdict) -> None:
+            self._send(origin, b"".join((_V, _VERDICT.pack(
+                request_id, verdict.code,
+                _NONE if verdict.content_format is None else verdict.content_format,
+                _NONE if verdict.max_age_s is None else verdict.max_age_s,
+                verdict.authenticated), verdict.payload)))
+
+        assert self._sink is not None
+        self._sink.submit(uplink, reply)
 
     async def _store(self, request_id: int, device_type: str, device_id: str,
                      payload: bytes) -> None:
@@ -182,3 +251,21 @@ class Siblings:
         if not self._send(0, _A + _ANSWER.pack(request_id, stored)):
             log.warning("could not tell worker 0 the command for %s was stored; the broker "
                         "will send it again", device_id)
+
+
+class OwnersSink:
+    """The pipeline as worker 0's coaps server sees it: an uplink of a device this worker
+    owns goes to its own pipeline, any other to its owner's (gateway.workers > 1)."""
+
+    def __init__(self, pipeline: UplinkSink, siblings: Siblings) -> None:
+        self._pipeline = pipeline
+        self._siblings = siblings
+
+    def submit(self, uplink: Uplink, reply: Reply) -> None:
+        if self._siblings.owns(uplink.device_id):
+            self._pipeline.submit(uplink, reply)
+        else:
+            self._siblings.submit_to_owner(uplink, reply)
+
+    def reject(self, uplink: Uplink, rejection: UplinkRejected, reply: Reply) -> None:
+        self._pipeline.reject(uplink, rejection, reply)

@@ -45,7 +45,9 @@ KILL_AFTER_S = 60.0  # past shutdown_grace_s: a worker that still has not exited
 def run(settings: Settings, config_path: Path | None) -> int:
     """Fork the workers and supervise them; the process's exit code."""
     n = settings.gateway.workers
-    udp = _bind_shared(settings.coap.bind, settings.coap.port, n)
+    udp: list[socket.socket | None] = [None] * n
+    if settings.coap.enabled:
+        udp = list(_bind_shared(settings.coap.bind, settings.coap.port, n))
     inboxes, outboxes = zip(*(socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
                               for _ in range(n)), strict=True)
     ours, theirs = zip(*(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -54,16 +56,17 @@ def run(settings: Settings, config_path: Path | None) -> int:
     for k in range(n):
         links = WorkerLinks(k, n, udp[k], inboxes[k], list(outboxes), theirs[k])
         others = [s for s in (*udp, *inboxes, *theirs, *ours)
-                  if s not in (links.udp, links.inbox, links.control)]
+                  if s is not None and s not in (links.udp, links.inbox, links.control)]
         pid = os.fork()
         if pid == 0:
             os._exit(_worker_main(settings, config_path, links, others))
         pids.append(pid)
-    port = udp[0].getsockname()[1]
+    where = (f"udp {settings.coap.bind} port {udp[0].getsockname()[1]}" if udp[0] is not None
+             else "coaps only, in worker 0")
     for sock in (*udp, *inboxes, *outboxes, *theirs):
-        sock.close()
-    log.info("started %d workers (pids %s) on udp %s port %d", n,
-             ", ".join(map(str, pids)), settings.coap.bind, port)
+        if sock is not None:
+            sock.close()
+    log.info("started %d workers (pids %s) on %s", n, ", ".join(map(str, pids)), where)
     import uvloop
 
     supervisor = Supervisor(settings, pids, [WorkerLine(k, s) for k, s in enumerate(ours)])

@@ -72,7 +72,7 @@ class WorkerLinks:
 
     index: int
     workers: int
-    udp: socket.socket
+    udp: socket.socket | None  # None when coap.enabled is false
     inbox: socket.socket
     outboxes: list[socket.socket]
     control: socket.socket

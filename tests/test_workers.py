@@ -24,7 +24,8 @@ import aiocoap
 
 from gateway.workers import owner
 from tests.coap_raw import RawCoap, uplink_request
-from tests.conftest import Broker, Gateway, Subscription
+from tests.conftest import Broker, Gateway, Subscription, free_port
+from tests.test_dtls import READING, coaps_client, coaps_toml
 
 WORKERS = 2
 DEVICE_COUNT = 24
@@ -207,13 +208,33 @@ def test_changing_the_worker_count_keeps_spooled_uplinks_and_replay_state(
     assert published(sub) == sorted([(d, 7) for d in DEVICES] + [(DEVICES[5], 8)])
 
 
-def test_workers_refuse_coaps_at_check_config(tmp_path: Path) -> None:
-    config = tmp_path / "gateway.toml"
-    config.write_text('[gateway]\nworkers = 2\n[coaps]\nenabled = true\nbind = "127.0.0.1"\n')
-    done = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
-                           str(config)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert "DTLS sessions are not shared between workers" in done.stdout + done.stderr
+def test_coaps_uplinks_of_either_workers_devices_are_judged_by_their_owner(
+    gateway_factory: Callable[..., Gateway], subscribe: Callable[[str], Subscription],
+    tmp_path: Path
+) -> None:
+    """DTLS sessions live in worker 0; an uplink of worker 1's device goes to worker 1's
+    pipeline and its verdict comes back into the session. A wrong key is still refused."""
+    coaps_port = free_port(socket.SOCK_DGRAM)
+    gw = gateway_factory(coaps_toml(coaps_port), start=False, NBIOT_GATEWAY__WORKERS="2")
+    mine, theirs = devices_of(0)[0], devices_of(1)[0]
+    keys = {d: f"{d} secret".encode() for d in (mine, theirs)}
+    rows = ["device_id,type,token,report_interval_s,enabled,psk"]
+    rows += [f"{d},env_th,tok-{d},60,true,{keys[d].hex() if d in keys else ''}" for d in DEVICES]
+    (gw.workdir / "devices.csv").write_text("\n".join(rows) + "\n")
+    gw.start()
+    sub = subscribe("nbiot/#")
+
+    results = [coaps_client(tmp_path, f"coaps://127.0.0.1:{coaps_port}/up/{d}", d, keys[d],
+                            READING % 1) for d in (mine, theirs)]
+    refused = coaps_client(tmp_path, f"coaps://127.0.0.1:{coaps_port}/up/{theirs}", theirs,
+                           b"wrong key", READING % 2)
+
+    assert [r.responses for r in results] == [[("ACK", "2.04")]] * 2, results[1].output
+    assert refused.responses == [], refused.output
+    sub.wait_count(2)
+    assert sorted((m["device_id"], m["seq"], m["transport"]) for m in sub.messages()) == sorted(
+        [(mine, 1, "coaps"), (theirs, 1, "coaps")])
+    assert gw.metric("nbiot_gateway_uplinks_accepted_total") == 2
 
 
 def test_port_zero_means_one_port_for_every_worker(
