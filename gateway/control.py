@@ -1,12 +1,14 @@
 """The supervisor's line to each worker (gateway.workers > 1): a stream socketpair made
 before the fork.
 
-A request is one line, `{id} {what}` (`ready`, `metrics`); its answer is a line
-`{id} {length}` and then that many bytes. `ready` answers `1 reason` or `0 reason`; the
-first answer also tells the supervisor the worker has started. `metrics` answers the
-worker's Prometheus exposition. The id lets the supervisor give up on a slow answer and
-throw it away when it comes, without closing the line: closing it is how the supervisor
-says it is gone (it died, even by kill -9), and the worker then stops.
+A request is one line, `{id} {what}` (`ready`, `metrics`, `reload`); its answer is a
+line `{id} {length}` and then that many bytes. `ready` answers `1 reason` or `0 reason`;
+the first answer also tells the supervisor the worker has started. `metrics` answers the
+worker's Prometheus exposition. `reload` re-reads the registry and answers `1 what` or
+`0 why` once done, so the supervisor tells systemd READY only after every worker has.
+The id lets the supervisor give up on a slow answer and throw it away when it comes,
+without closing the line: closing it is how the supervisor says it is gone (it died,
+even by kill -9), and the worker then stops.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-READY, METRICS = b"ready", b"metrics"
+READY, METRICS, RELOAD = b"ready", b"metrics", b"reload"
 
 
 class ControlError(Exception):
@@ -30,14 +32,15 @@ class ControlError(Exception):
 
 # -- the worker's side ----------------------------------------------------------------------
 async def serve(sock: socket.socket, ready: Callable[[], tuple[bool, str]],
-                exposition: Callable[[], bytes], lost: Callable[[], None]) -> None:
+                exposition: Callable[[], bytes], reload: Callable[[], tuple[bool, str]],
+                lost: Callable[[], None]) -> None:
     """Answer the supervisor until it hangs up; then call `lost`."""
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
         while line := await reader.readline():
             request_id, _, request = line.strip().partition(b" ")
-            if request == READY:
-                ok, why = ready()
+            if request in (READY, RELOAD):
+                ok, why = ready() if request == READY else reload()
                 body = f"{int(ok)} {why}".encode()
             elif request == METRICS:
                 body = exposition()
@@ -88,7 +91,13 @@ class WorkerLine:
             self._waiting.pop(request_id, None)  # a late answer is read and dropped
 
     async def ready(self, timeout_s: float) -> tuple[bool, str]:
-        answer = (await self.ask(READY, timeout_s)).decode(errors="replace")
+        return await self._flag(READY, timeout_s)
+
+    async def reload(self, timeout_s: float) -> tuple[bool, str]:
+        return await self._flag(RELOAD, timeout_s)
+
+    async def _flag(self, request: bytes, timeout_s: float) -> tuple[bool, str]:
+        answer = (await self.ask(request, timeout_s)).decode(errors="replace")
         flag, _, why = answer.partition(" ")
         return flag == "1", why
 

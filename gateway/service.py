@@ -160,8 +160,8 @@ class Service:
             from gateway import control
 
             self._control_task = asyncio.create_task(control.serve(
-                self._links.control, self._ready, self.metrics.exposition, self.stop.set),
-                name="control")
+                self._links.control, self._ready, self.metrics.exposition, self.reload,
+                self.stop.set), name="control")
             return  # the supervisor speaks to systemd
         self._notifier.send("READY=1\n" + self._status_line())
         self._notifier.start()
@@ -285,17 +285,21 @@ class Service:
         finally:
             stop_wait.cancel()
 
-    def reload(self) -> None:
+    def reload(self) -> tuple[bool, str]:
         """SIGHUP: re-read config types and registry; keep the old ones if anything is wrong.
         Every other setting stays as started (ports, broker, topics, tenant, spool, limits):
-        changing those is a restart, and the log says which changed."""
+        changing those is a restart, and the log says which changed. Returns whether it
+        took, and what it did (a worker's answer to the supervisor)."""
         assert self._pipeline is not None
         self._notifier.send(reloading_message())
         try:
             settings = self._reloaded_settings()
             every_device, registry = self._load_registry(settings)
         except ConfigError as e:
-            log.error("reload failed, keeping the current registry: %s", "; ".join(e.problems))
+            why = "; ".join(e.problems)
+            log.error("reload failed, keeping the current registry: %s", why)
+            self._notifier.send("READY=1")
+            return False, why
         else:
             self.settings = settings
             self._pipeline.replace_registry(registry, settings)
@@ -306,9 +310,11 @@ class Service:
             if self._dtls is not None:
                 self._dtls.replace_keys(every_device)
                 self._warn_no_psk()
-            log.info("reloaded registry %s: %d devices", settings.registry.path, len(registry))
+            done = f"reloaded registry {settings.registry.path}: {len(registry)} devices"
+            log.info("%s", done)
             gctune.settle()
         self._notifier.send("READY=1")
+        return True, done
 
     def _reloaded_settings(self) -> Settings:
         if self.config_path is None:

@@ -5,9 +5,10 @@ Before the fork it binds N UDP sockets to the CoAP port with SO_REUSEPORT (so th
 spreads datagrams over the workers, and `port = 0` still means one port for all) and makes
 the workers' inboxes (gateway/siblings.py) and control lines (gateway/control.py). Then:
 READY=1 once every worker has started, the watchdog ping and STATUS from its own loop, one
-`/metrics` (the workers' expositions merged), `/healthz` and `/readyz`; SIGHUP and SIGTERM
-are passed on. A worker that dies unexpectedly makes it stop the others and exit 1:
-systemd restarts the whole service, and every worker's spool holds what it acknowledged.
+`/metrics` (the workers' expositions merged), `/healthz` and `/readyz`; SIGHUP becomes a
+`reload` request to each worker (READY=1 once all have answered), SIGTERM is passed on.
+A worker that dies unexpectedly makes it stop the others and exit 1: systemd restarts
+the whole service, and every worker's spool holds what it acknowledged.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from gateway.config import Settings
 from gateway.control import WorkerLine
 from gateway.metrics import MetricsServer
 from gateway.metrics_merge import merge
-from gateway.notify import Notifier, UplinkRate, status_line
+from gateway.notify import Notifier, UplinkRate, reloading_message, status_line
 from gateway.service import STOP_AND_RELOAD, Service
 from gateway.workers import WorkerLinks
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 120.0
 ASK_TIMEOUT_S = 2.0  # a scrape waits this long for a stuck worker (Prometheus: 10 s)
 STATUS_REFRESH_S = 5.0
+RELOAD_TIMEOUT_S = 60.0
 KILL_AFTER_S = 60.0  # past shutdown_grace_s: a worker that still has not exited is killed
 
 
@@ -131,6 +133,7 @@ class Supervisor:
         self._last_metrics: dict[int, bytes] = {}  # worker -> its last exposition
         self._uplink_rate = UplinkRate()
         self._notifier = Notifier(lambda: self._status, alive=self._workers_answer)
+        self._reloading: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -227,9 +230,18 @@ class Supervisor:
         return all(now - line.answered_at < limit for line in self._lines)
 
     def _reload(self) -> None:
-        self._notifier.send("RELOADING=1")
-        log.info("reload: passing SIGHUP to the workers")
-        self._signal_workers(signal.SIGHUP)
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.create_task(self._reload_workers())
+
+    async def _reload_workers(self) -> None:
+        """SIGHUP: each worker reloads (over its control line, not a signal), then READY."""
+        self._notifier.send(reloading_message())
+        answers = await asyncio.gather(*(line.reload(RELOAD_TIMEOUT_S) for line in self._lines),
+                                       return_exceptions=True)
+        for line, answer in zip(self._lines, answers, strict=True):
+            if isinstance(answer, BaseException) or not answer[0]:
+                log.error("worker %d did not reload: %s", line.index,
+                          answer if isinstance(answer, BaseException) else answer[1])
         self._notifier.send("READY=1")
 
     # -- what systemd and Prometheus see ---------------------------------------------------

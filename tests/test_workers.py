@@ -326,3 +326,31 @@ def test_the_port_held_by_another_process_is_refused(
         holder.close()
     assert done.returncode == 1
     assert f"cannot bind udp 127.0.0.1 port {gw.coap_port}" in done.stderr
+
+
+def test_sighup_reloads_every_worker_before_ready(
+    gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """The supervisor asks each worker to reload and tells systemd READY=1 only once all
+    have: a device added to the registry is known to its owner when READY=1 arrives."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(10)
+    try:
+        gw = start_workers(gateway_factory, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+        assert gw.proc is not None
+        added = [f"new-{i}" for i in range(6)]  # some for each worker
+        assert {owner(d, WORKERS) for d in added} == {0, 1}
+        with open(gw.workdir / "devices.csv", "a") as registry:
+            registry.writelines(f"{d},env_th,tok-{d},60,true\n" for d in added)
+        while b"READY=1" not in notify.recv(4096):
+            pass  # the start's own READY
+        gw.proc.send_signal(signal.SIGHUP)
+        messages = []
+        while not messages or b"READY=1" not in messages[-1]:
+            messages.append(notify.recv(4096))
+        assert any(m.startswith(b"RELOADING=1\nMONOTONIC_USEC=") for m in messages)
+        assert {send(gw, d, 1).code for d in added} == {aiocoap.CHANGED}
+        assert gw.log_path.read_text().count("reloaded registry") == WORKERS
+    finally:
+        notify.close()
