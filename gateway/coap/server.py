@@ -27,7 +27,6 @@ from gateway.model import Uplink, Verdict
 log = logging.getLogger(__name__)
 
 Address = tuple[Any, ...]
-_PENDING = b""  # reply cache marker: request seen, reply not sent yet
 BLOCK_STATE_LIFETIME_S = C.EXCHANGE_LIFETIME_S
 MAX_BLOCK_TRANSFERS = 10_000
 
@@ -125,16 +124,16 @@ class CoapServer(asyncio.DatagramProtocol):
             return  # another worker owns this device: its reply cache and state answer
         key = (addr[:2], msg.mid)
         cached = self._replies.get(key)
-        if cached and cached[4:4 + (cached[0] & 0x0F)] != msg.token:
+        if cached is not None and not _same_token(cached, msg.token):
             # Same endpoint and message ID but another token: not a retransmission but a new
             # request, e.g. another device behind a carrier NAT that reused the port.
             cached = None
         if cached is not None:
             self._metrics.coap_retransmissions.inc()
-            if cached:  # else the first copy is still being processed: its reply will come
+            if cached[1] != C.EMPTY:  # else still being processed: its reply will come
                 self._send(cached, addr)
             return
-        self._remember(key, _PENDING)
+        self._remember(key, _pending(msg.token))
         try:
             self._request(msg, addr, key)
         except Exception:  # a bug must cost one 5.00, not the device's retransmissions
@@ -281,8 +280,9 @@ class CoapServer(asyncio.DatagramProtocol):
             data = wire.encode_ack(verdict.code, request.mid, request.token)  # a bare 2.04
         else:
             data = self._encode_reply(request, verdict, block)
-        if key in self._replies:
-            self._replies[key] = data
+        cached = self._replies.get(key)
+        if cached is not None and cached[1] == C.EMPTY and _same_token(cached, request.token):
+            self._replies[key] = data  # the reply a retransmission of this request gets
         self._send(data, addr)
 
     def _encode_reply(self, request: wire.Message, verdict: Verdict, block: wire.Block | None
@@ -335,6 +335,16 @@ class CoapServer(asyncio.DatagramProtocol):
             self._replies.pop(old, None)
         self._replies[key] = data
         expiry.append((now + C.EXCHANGE_LIFETIME_S, key))
+
+
+def _pending(token: bytes) -> bytes:
+    """The reply cache's entry while a request is processed: a header without a code (0.00,
+    never a reply we send) and the request's token, so the token check covers it too."""
+    return bytes((0x40 | len(token), C.EMPTY, 0, 0)) + token
+
+
+def _same_token(cached: bytes, token: bytes) -> bool:
+    return cached[4:4 + (cached[0] & 0x0F)] == token
 
 
 def _fmt(addr: Address) -> str:
