@@ -354,3 +354,29 @@ def test_sighup_reloads_every_worker_before_ready(
         assert gw.log_path.read_text().count("reloaded registry") == WORKERS
     finally:
         notify.close()
+
+
+def test_kill_9_of_the_supervisor_stops_the_workers_and_nothing_acked_is_lost(
+    gateway_factory: Callable[..., Gateway], broker: Broker,
+    subscribe: Callable[[str], Subscription]
+) -> None:
+    """The workers notice the supervisor's control line close, drain and exit; the lock is
+    free again and a new start publishes everything they acknowledged."""
+    gw = start_workers(gateway_factory)
+    assert gw.proc is not None
+    workers = children(gw.proc.pid)
+    broker.stop()
+    assert {send(gw, d, 1).code for d in DEVICES} == {aiocoap.CHANGED}
+
+    gw.kill()
+    for pid in workers:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived its supervisor"
+
+    broker.start()
+    sub = subscribe("nbiot/#")
+    gw.start()
+    sub.wait_count(DEVICE_COUNT)
+    assert published(sub) == sorted((d, 1) for d in DEVICES)
