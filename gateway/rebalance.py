@@ -32,7 +32,7 @@ from pathlib import Path
 
 from gateway.downlink import DownlinkStore
 from gateway.liveness import LivenessStore
-from gateway.spool import _SCHEMA as SPOOL_SCHEMA
+from gateway.spool import SCHEMA as SPOOL_SCHEMA
 from gateway.workers import StateFiles, owner, state_files
 
 log = logging.getLogger(__name__)

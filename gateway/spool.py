@@ -35,7 +35,7 @@ ROW_OVERHEAD_BYTES = 32
 # (a long broker outage) the publisher reads them back from the file instead.
 MEMORY_BYTES = 64 << 20
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
@@ -164,7 +164,7 @@ class Spool:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = _connect(self.path)
-            db.executescript(_SCHEMA)
+            db.executescript(SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
             if "retain" not in columns:  # a spool written before retained records existed
                 db.execute("ALTER TABLE records ADD COLUMN retain INTEGER NOT NULL DEFAULT 0")
