@@ -40,7 +40,11 @@ async def serve(sock: socket.socket, ready: Callable[[], tuple[bool, str]],
         while line := await reader.readline():
             request_id, _, request = line.strip().partition(b" ")
             if request in (READY, RELOAD):
-                ok, why = ready() if request == READY else reload()
+                try:
+                    ok, why = ready() if request == READY else reload()
+                except Exception as e:  # the line must outlive a failing handler
+                    log.exception("control request %s failed", request.decode())
+                    ok, why = False, f"failed: {e}"
                 body = f"{int(ok)} {why}".encode()
             elif request == METRICS:
                 body = exposition()
@@ -66,15 +70,17 @@ class WorkerLine:
         self._reading: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._connecting = asyncio.Lock()
         self._closed: str | None = None  # why, once the line is gone
         self.answered_at = time.monotonic()  # the last answer (or the start)
 
     async def ask(self, request: bytes, timeout_s: float) -> bytes:
         if self._closed is not None:
             raise ControlError(f"worker {self.index}: {self._closed}")
-        if self._writer is None:
-            reader, self._writer = await asyncio.open_connection(sock=self._sock)
-            self._reading = asyncio.create_task(self._read(reader))
+        async with self._connecting:  # two first requests at once must share one stream
+            if self._writer is None:
+                reader, self._writer = await asyncio.open_connection(sock=self._sock)
+                self._reading = asyncio.create_task(self._read(reader))
         request_id = next(self._ids)
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = answer

@@ -76,8 +76,12 @@ class Pipeline:
         metrics: Metrics,
         liveness: Liveness,
         downlink: Downlink,
+        every_device: Registry | None = None,
     ) -> None:
+        """`every_device`: with workers, the whole registry (`registry` is this worker's
+        share); dead letters say whether a device is known at all."""
         self._settings = settings
+        self._every_device = every_device or registry
         self._spool = spool
         self._metrics = metrics
         self._registry = registry
@@ -105,8 +109,10 @@ class Pipeline:
         self._overload_max_age_s = settings.coap.overload_max_age_s
         metrics.registry_devices.set(len(registry))
 
-    def replace_registry(self, registry: Registry, settings: Settings) -> None:
+    def replace_registry(self, registry: Registry, settings: Settings,
+                         every_device: Registry | None = None) -> None:
         """Swap in a reloaded registry and types; uplinks in flight keep their verdicts."""
+        self._every_device = every_device or registry
         self._schemas = build_schemas(settings.types)
         self._format = message_format(settings, self._schemas)
         self._registry = registry
@@ -270,7 +276,7 @@ class Pipeline:
     def _keep_dead_letter(self, uplink: Uplink, rejection: UplinkRejected) -> None:
         payload = json.dumps({
             "device_id": uplink.device_id or None,
-            "device_known": self._registry.get(uplink.device_id) is not None,
+            "device_known": self._every_device.get(uplink.device_id) is not None,
             "reason": rejection.reason,
             "code": C.code_str(rejection.code),
             "detail": rejection.detail,

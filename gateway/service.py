@@ -99,7 +99,8 @@ class Service:
         await self._liveness.load()
         self._downlink = Downlink(registry, DownlinkStore(files.downlink), spool, topic_base)
         await self._downlink.load()
-        self._pipeline = Pipeline(s, registry, spool, m, self._liveness, self._downlink)
+        self._pipeline = Pipeline(s, registry, spool, m, self._liveness, self._downlink,
+                                  every_device)
         loop = asyncio.get_running_loop()
         listening = []
         if self._links is not None:
@@ -257,7 +258,8 @@ class Service:
         return self._ready()
 
     def _ready(self) -> tuple[bool, str]:
-        if (self._coap is None and self._dtls is None) or self._spool is None or self.stop.is_set():
+        ingest = self._coap or self._dtls or self._siblings  # a worker may judge coaps only
+        if ingest is None or self._spool is None or self.stop.is_set():
             return False, "not accepting uplinks"
         if not self._spool.has_room(1024):
             return False, "spool full: uplinks get 5.03"
@@ -302,7 +304,7 @@ class Service:
             return False, why
         else:
             self.settings = settings
-            self._pipeline.replace_registry(registry, settings)
+            self._pipeline.replace_registry(registry, settings, every_device)
             if self._liveness is not None:
                 self._liveness.replace_registry(registry)
             if self._downlink is not None:

@@ -93,6 +93,7 @@ class Siblings:
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(SiblingError("worker stopping"))
+        self._verdicts.clear()  # their devices retry (DTLS is closing too)
         for sock in (self._inbox, *self._outboxes):
             sock.close()
 
@@ -230,11 +231,16 @@ class Siblings:
                         *fields[3:])
 
         def reply(verdict: Verdict) -> None:
-            self._send(origin, b"".join((_V, _VERDICT.pack(
-                request_id, verdict.code,
-                _NONE if verdict.content_format is None else verdict.content_format,
-                _NONE if verdict.max_age_s is None else verdict.max_age_s,
-                verdict.authenticated), verdict.payload)))
+            if not self._send(origin, b"".join((_V, _VERDICT.pack(
+                    request_id, verdict.code,
+                    _NONE if verdict.content_format is None else verdict.content_format,
+                    _NONE if verdict.max_age_s is None else verdict.max_age_s,
+                    verdict.authenticated), verdict.payload))):
+                # The uplink's fate stands (spooled or refused); the device gets 5.03 and
+                # retries, and a retry of a spooled one is a duplicate, answered 2.04.
+                self._metrics.worker_forward_dropped.inc()
+                log.warning("verdict %s for coaps uplink of %s not passed back to worker %d",
+                            C.code_str(verdict.code), uplink.device_id, origin)
 
         assert self._sink is not None
         self._sink.submit(uplink, reply)

@@ -134,6 +134,8 @@ class Supervisor:
         self._uplink_rate = UplinkRate()
         self._notifier = Notifier(lambda: self._status, alive=self._workers_answer)
         self._reloading: asyncio.Task[None] | None = None
+        self._reload_wanted = False
+        self._running = False  # every worker has started
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -157,6 +159,9 @@ class Supervisor:
             await self._refresh_status()
             self._notifier.send("READY=1\n" + self._status)
             self._notifier.start()
+            self._running = True
+            if self._reload_wanted:  # a SIGHUP while the workers started
+                self._reload()
             refresher = asyncio.create_task(self._keep_status_fresh())
             await _first_of(self._stop.wait(), self._exited.wait())
             refresher.cancel()
@@ -166,6 +171,9 @@ class Supervisor:
                           "restarts the service; the spools keep what was acknowledged)",
                           ", ".join(f"{k} (code {c})" for k, c in self._exit_codes.items()))
         finally:
+            self._running = False
+            if self._reloading is not None:
+                self._reloading.cancel()
             self._notifier.send("STOPPING=1")
             code = max(code, await self._stop_workers())
             if server is not None:
@@ -230,19 +238,24 @@ class Supervisor:
         return all(now - line.answered_at < limit for line in self._lines)
 
     def _reload(self) -> None:
-        if self._reloading is None or self._reloading.done():
+        """SIGHUP. One arriving while the workers start or reload is not lost: it runs
+        once they are done."""
+        self._reload_wanted = True
+        if self._running and (self._reloading is None or self._reloading.done()):
             self._reloading = asyncio.create_task(self._reload_workers())
 
     async def _reload_workers(self) -> None:
-        """SIGHUP: each worker reloads (over its control line, not a signal), then READY."""
-        self._notifier.send(reloading_message())
-        answers = await asyncio.gather(*(line.reload(RELOAD_TIMEOUT_S) for line in self._lines),
-                                       return_exceptions=True)
-        for line, answer in zip(self._lines, answers, strict=True):
-            if isinstance(answer, BaseException) or not answer[0]:
-                log.error("worker %d did not reload: %s", line.index,
-                          answer if isinstance(answer, BaseException) else answer[1])
-        self._notifier.send("READY=1")
+        """Each worker reloads (over its control line, not a signal), then READY=1."""
+        while self._reload_wanted and not self._stop.is_set():
+            self._reload_wanted = False
+            self._notifier.send(reloading_message())
+            answers = await asyncio.gather(*(line.reload(RELOAD_TIMEOUT_S)
+                                             for line in self._lines), return_exceptions=True)
+            for line, answer in zip(self._lines, answers, strict=True):
+                if isinstance(answer, BaseException) or not answer[0]:
+                    log.error("worker %d did not reload: %s", line.index,
+                              answer if isinstance(answer, BaseException) else answer[1])
+            self._notifier.send("READY=1")
 
     # -- what systemd and Prometheus see ---------------------------------------------------
     async def _exposition(self) -> bytes:

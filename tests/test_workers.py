@@ -17,10 +17,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import aiocoap
+import pytest
 
 from gateway.workers import owner
 from tests.coap_raw import RawCoap, uplink_request
@@ -208,14 +210,17 @@ def test_changing_the_worker_count_keeps_spooled_uplinks_and_replay_state(
     assert published(sub) == sorted([(d, 7) for d in DEVICES] + [(DEVICES[5], 8)])
 
 
+@pytest.mark.parametrize("plain_coap", ["true", "false"])
 def test_coaps_uplinks_of_either_workers_devices_are_judged_by_their_owner(
     gateway_factory: Callable[..., Gateway], subscribe: Callable[[str], Subscription],
-    tmp_path: Path
+    tmp_path: Path, plain_coap: str
 ) -> None:
     """DTLS sessions live in worker 0; an uplink of worker 1's device goes to worker 1's
-    pipeline and its verdict comes back into the session. A wrong key is still refused."""
+    pipeline and its verdict comes back into the session. A wrong key is still refused.
+    With plain CoAP off, worker 1 serves only those: it still counts as ready."""
     coaps_port = free_port(socket.SOCK_DGRAM)
-    gw = gateway_factory(coaps_toml(coaps_port), start=False, NBIOT_GATEWAY__WORKERS="2")
+    gw = gateway_factory(coaps_toml(coaps_port), start=False, NBIOT_GATEWAY__WORKERS="2",
+                         NBIOT_COAP__ENABLED=plain_coap)
     mine, theirs = devices_of(0)[0], devices_of(1)[0]
     keys = {d: f"{d} secret".encode() for d in (mine, theirs)}
     rows = ["device_id,type,token,report_interval_s,enabled,psk"]
@@ -235,6 +240,8 @@ def test_coaps_uplinks_of_either_workers_devices_are_judged_by_their_owner(
     assert sorted((m["device_id"], m["seq"], m["transport"]) for m in sub.messages()) == sorted(
         [(mine, 1, "coaps"), (theirs, 1, "coaps")])
     assert gw.metric("nbiot_gateway_uplinks_accepted_total") == 2
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/readyz", timeout=5) as r:
+        assert r.status == 200
 
 
 def test_port_zero_means_one_port_for_every_worker(
@@ -380,3 +387,22 @@ def test_kill_9_of_the_supervisor_stops_the_workers_and_nothing_acked_is_lost(
     gw.start()
     sub.wait_count(DEVICE_COUNT)
     assert published(sub) == sorted((d, 1) for d in DEVICES)
+
+
+def test_a_sighup_during_a_reload_is_not_lost(gateway_factory: Callable[..., Gateway]) -> None:
+    gw = start_workers(gateway_factory)
+    assert gw.proc is not None
+    registry = gw.workdir / "devices.csv"
+    with open(registry, "a") as rows:  # a registry that takes a while to read
+        rows.writelines(f"bulk-{i},env_th,tok,60,true\n" for i in range(30_000))
+    first, second = [f"first-{i}" for i in range(4)], [f"second-{i}" for i in range(4)]
+    for added in (first, second):  # the second SIGHUP lands while the first one runs
+        with open(registry, "a") as rows:
+            rows.writelines(f"{d},env_th,tok-{d},60,true\n" for d in added)
+        gw.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.03)
+    deadline = time.monotonic() + 30
+    while gw.log_path.read_text().count("reloaded registry") < 2 * WORKERS:
+        assert time.monotonic() < deadline, "both reloads in both workers"
+        time.sleep(0.05)
+    assert {send(gw, d, 1).code for d in first + second} == {aiocoap.CHANGED}
