@@ -131,6 +131,7 @@ class Supervisor:
         self._stopping = False
         self._status = "STATUS=starting workers"
         self._last_metrics: dict[int, bytes] = {}  # worker -> its last exposition
+        self._figures: dict[str, float] = {}  # unlabelled samples of the last merge
         self._uplink_rate = UplinkRate()
         self._notifier = Notifier(lambda: self._status, alive=self._workers_answer)
         self._reloading: asyncio.Task[None] | None = None
@@ -174,7 +175,7 @@ class Supervisor:
             self._running = False
             if self._reloading is not None:
                 self._reloading.cancel()
-            self._notifier.send("STOPPING=1")
+            self._notifier.send("STOPPING=1\n" + self._status_line("stopping"))
             code = max(code, await self._stop_workers())
             if server is not None:
                 await server.close()
@@ -304,15 +305,20 @@ class Supervisor:
             for sample in family.samples:
                 if not sample.labels:
                     values[sample.name] = sample.value
-        ns = "nbiot_gateway_"
-        workers_up = int(values.get(f"{ns}workers_up", 0))
-        self._status = status_line(
-            state=f"running, {workers_up} of {len(self._lines)} workers",
+        self._figures = values
+        self._status = self._status_line("running")
+
+    def _status_line(self, state: str) -> str:
+        """The single process's STATUS line from the merged figures, plus the workers."""
+        values, ns = self._figures, "nbiot_gateway_"
+        return status_line(
+            state=state,
             uplinks_per_s=self._uplink_rate.per_s(values.get(f"{ns}uplinks_received_total", 0)),
             broker_connected=values.get(f"{ns}mqtt_connected", 0) == 1,
             spool_records=int(values.get(f"{ns}spool_records", 0)),
             spool_bytes=int(values.get(f"{ns}spool_bytes", 0)),
-            spool_max_bytes=int(values.get(f"{ns}spool_max_bytes", 0)))
+            spool_max_bytes=int(values.get(f"{ns}spool_max_bytes", 0)),
+        ) + f", {int(values.get(f'{ns}workers_up', 0))} of {len(self._lines)} workers answering"
 
 
 async def _first_of(*aws: Awaitable[object]) -> None:

@@ -350,8 +350,10 @@ def test_sighup_reloads_every_worker_before_ready(
         assert {owner(d, WORKERS) for d in added} == {0, 1}
         with open(gw.workdir / "devices.csv", "a") as registry:
             registry.writelines(f"{d},env_th,tok-{d},60,true\n" for d in added)
-        while b"READY=1" not in notify.recv(4096):
-            pass  # the start's own READY
+        while b"READY=1" not in (ready := notify.recv(4096)):
+            pass  # the start's own READY, with the first STATUS
+        assert re.fullmatch(rb"READY=1\nSTATUS=running: \d+\.\d uplinks/s, broker \w+, spool "
+                            rb"\d+ records, .+, 2 of 2 workers answering", ready), ready
         gw.proc.send_signal(signal.SIGHUP)
         messages = []
         while not messages or b"READY=1" not in messages[-1]:
