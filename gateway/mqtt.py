@@ -262,7 +262,17 @@ class MqttClient(asyncio.Protocol):
         buf += data
         pos = 0
         try:
-            while (header := _fixed_header(buf, pos)) is not None:
+            acks = self._pending_acks
+            while True:
+                # A run of PUBACKs (4 bytes each) is most of what the broker sends us.
+                while pos + 4 <= len(buf) and buf[pos] == PUBACK and buf[pos + 1] == 2:
+                    callback = acks.pop((buf[pos + 2] << 8) | buf[pos + 3], None)
+                    pos += 4
+                    if callback is not None:
+                        callback()
+                header = _fixed_header(buf, pos)
+                if header is None:
+                    break
                 first, start, length = header
                 if start + length > len(buf):
                     break  # the rest of this packet is still on its way

@@ -199,15 +199,13 @@ class CoapServer(asyncio.DatagramProtocol):
             self._sink.reject(uplink, UplinkRejected(
                 C.METHOD_NOT_ALLOWED, "method_not_allowed", "use POST or PUT"), reply)
             return
-        too_large = UplinkRejected(C.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
-                                   f"max {self._max_payload} bytes")
         if block1 is not None:
             if block1.szx == wire.Block.RESERVED_SZX:
                 self._sink.reject(uplink, UplinkRejected(
                     C.BAD_REQUEST, "bad_block", "Block1 size exponent 7 is reserved"), reply)
                 return
             if (size1 or 0) > self._max_payload:
-                self._sink.reject(uplink, too_large, reply)
+                self._sink.reject(uplink, self._too_large(), reply)
                 return
             try:
                 body = self._block1(msg, addr, key, block1, path, query)
@@ -217,14 +215,18 @@ class CoapServer(asyncio.DatagramProtocol):
             if body is None:
                 return  # answered 2.31 Continue
             if len(body) > self._max_payload:
-                self._sink.reject(uplink, too_large, reply)
+                self._sink.reject(uplink, self._too_large(), reply)
                 return
             uplink = Uplink(device_id, token, content_format, body, self._transport_name,
                             uplink.remote, received_at, received_mono)
         elif len(msg.payload) > self._max_payload:
-            self._sink.reject(uplink, too_large, reply)
+            self._sink.reject(uplink, self._too_large(), reply)
             return
         self._sink.submit(uplink, reply)
+
+    def _too_large(self) -> UplinkRejected:
+        return UplinkRejected(C.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
+                              f"max {self._max_payload} bytes")
 
     def _block1(
         self,
