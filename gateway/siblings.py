@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 CommandHandler = Callable[[str, str, bytes], Awaitable[None]]
 Reply = Callable[[Verdict], None]
 COMMAND_TIMEOUT_S = 10.0
+PATIENCE_S = 5.0  # a command or its answer waits this long for room in a full inbox
 INBOX_BUFFER_BYTES = 4 << 20
 _U, _C, _A, _P, _V = b"U", b"C", b"A", b"P", b"V"
 _ADDR = struct.Struct("!HB")  # port, host length; the host follows
@@ -124,10 +125,10 @@ class Siblings:
         answer = self._loop.create_future()
         self._waiting[request_id] = answer
         try:
-            if not self._send(target, b"".join((_C, _COMMAND.pack(request_id, len(kind),
-                                                                  len(ident)), kind, ident,
-                                                payload))):
-                raise SiblingError(f"worker {target}'s inbox is full")
+            if not await self._send_patiently(target, b"".join((
+                    _C, _COMMAND.pack(request_id, len(kind), len(ident)), kind, ident,
+                    payload))):
+                raise SiblingError(f"worker {target}'s inbox stayed full")
             try:
                 stored = await asyncio.wait_for(answer, COMMAND_TIMEOUT_S)
             except TimeoutError:
@@ -164,6 +165,16 @@ class Siblings:
                           max_age_s=5, authenticated=True))
 
     # -- the inbox ---------------------------------------------------------------------
+    async def _send_patiently(self, target: int, message: bytes) -> bool:
+        """`_send`, retried while the inbox is full (a storm of forwarded uplinks), for up
+        to PATIENCE_S: a command and its answer must not be lost to a passing burst."""
+        deadline = self._loop.time() + PATIENCE_S
+        while not self._send(target, message):
+            if self._loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def _send(self, target: int, message: bytes) -> bool:
         try:
             self._outboxes[target].send(message)
@@ -254,9 +265,10 @@ class Siblings:
         except Exception:
             log.exception("downlink command for %s from worker 0 could not be stored", device_id)
             stored = False
-        if not self._send(0, _A + _ANSWER.pack(request_id, stored)):
-            log.warning("could not tell worker 0 the command for %s was stored; the broker "
-                        "will send it again", device_id)
+        if not await self._send_patiently(0, _A + _ANSWER.pack(request_id, stored)):
+            log.warning("could not tell worker 0 the command for %s was stored: it is not "
+                        "acknowledged to the broker, which sends it again after a reconnect",
+                        device_id)
 
 
 class OwnersSink:
