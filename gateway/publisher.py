@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.model import Record
 from gateway.mqtt import MqttClient, MqttError, Will
 from gateway.spool import Spool
+from gateway.waiting import first_of
 
 log = logging.getLogger(__name__)
 STATUS_TIMEOUT_S = 1.0
@@ -170,7 +171,7 @@ class Publisher:
             room = window - client.in_flight
             if room <= 0:
                 self._ack_arrived.clear()
-                await _first_of(self._ack_arrived.wait(), client.closed)
+                await first_of(self._ack_arrived.wait(), client.closed)
                 continue
             records = await self._spool.read_after(cursor, room)
             if not records:
@@ -183,7 +184,7 @@ class Publisher:
                 # Draining: wake on each PUBACK until none is in flight; otherwise on new
                 # records or on the stop request.
                 self._ack_arrived.clear()
-                await _first_of(self._spool.wait_for_records(), client.closed,
+                await first_of(self._spool.wait_for_records(), client.closed,
                                 self._ack_arrived.wait() if stop.is_set() else stop.wait())
                 continue
             sent_at = time.monotonic()
@@ -196,7 +197,7 @@ class Publisher:
         while True:
             getter = asyncio.ensure_future(client.messages.get())
             try:
-                await _first_of(getter, client.closed)
+                await first_of(getter, client.closed)
             finally:
                 getter.cancel()  # no-op once it has its message
             if getter.cancelled():
@@ -236,13 +237,3 @@ class Publisher:
         self.connected = connected
         self._metrics.mqtt_connected.set(1 if connected else 0)
 
-
-async def _first_of(*aws: Awaitable[object]) -> None:
-    """Wait until the first of these awaitables completes; cancel the coroutines' rest."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for aw, task in zip(aws, tasks, strict=True):
-            if task is not aw:
-                task.cancel()

@@ -116,11 +116,7 @@ class Service:
                 assert self._links.udp is not None  # bound when coap.enabled
                 sock = self._links.udp  # bound by the supervisor, SO_REUSEPORT
             else:
-                try:
-                    sock = bind_udp(s.coap.bind, s.coap.port)
-                except OSError as e:
-                    raise OSError(e.errno, f"coap: cannot bind udp {s.coap.bind} port "
-                                           f"{s.coap.port}: {e.strerror}") from None
+                sock = bind_udp(s.coap.bind, s.coap.port)
             await loop.create_datagram_endpoint(lambda: coap, sock=sock)
             listening.append(f"coap udp {s.coap.bind} port {sock.getsockname()[1]}")
         if s.coaps.enabled and self._worker == 0:  # DTLS sessions live in worker 0

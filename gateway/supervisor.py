@@ -21,7 +21,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,6 +32,7 @@ from gateway.metrics import MetricsServer
 from gateway.metrics_merge import merge
 from gateway.notify import Notifier, UplinkRate, reloading_message, status_line
 from gateway.service import STOP_AND_RELOAD, Service
+from gateway.waiting import first_of
 from gateway.workers import WorkerLinks
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,10 @@ def _bind_shared(host: str, port: int, n: int) -> list[socket.socket]:
         for _ in range(n):
             socks.append(bind_udp(host, port, reuse_port=True))
             port = socks[0].getsockname()[1]  # port 0: the one the kernel chose, for all
-    except OSError as e:
+    except OSError:
         for sock in socks:
             sock.close()
-        raise OSError(e.errno, f"coap: cannot bind udp {host} port {port}: {e.strerror}") from None
+        raise
     return socks
 
 
@@ -164,7 +164,7 @@ class Supervisor:
             if self._reload_wanted:  # a SIGHUP while the workers started
                 self._reload()
             refresher = asyncio.create_task(self._keep_status_fresh())
-            await _first_of(self._stop.wait(), self._exited.wait())
+            await first_of(self._stop.wait(), self._exited.wait())
             refresher.cancel()
             if not self._stop.is_set():
                 code = 1
@@ -188,9 +188,10 @@ class Supervisor:
         """Wait until every worker answers (it has started); False if one exits first."""
         starting = asyncio.ensure_future(
             asyncio.gather(*(line.ready(START_TIMEOUT_S) for line in self._lines)))
-        await _first_of(starting, self._exited.wait(), self._stop.wait())
+        await first_of(starting, self._exited.wait(), self._stop.wait())
         if starting.done() and not starting.cancelled() and starting.exception() is None:
             return True
+        starting.cancel()  # a worker exited or we stop: stop waiting for the others
         if not self._stop.is_set():
             why = "a worker exited" if self._exited.is_set() else str(starting.exception())
             log.error("workers did not all start: %s", why)
@@ -320,11 +321,3 @@ class Supervisor:
             spool_max_bytes=int(values.get(f"{ns}spool_max_bytes", 0)),
         ) + f", {int(values.get(f'{ns}workers_up', 0))} of {len(self._lines)} workers answering"
 
-
-async def _first_of(*aws: Awaitable[object]) -> None:
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

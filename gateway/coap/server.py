@@ -357,7 +357,8 @@ def _fmt(addr: Address) -> str:
 
 
 def bind_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """A UDP socket for the server; `::` listens on IPv6 and IPv4 (dual stack)."""
+    """A UDP socket for the server; `::` listens on IPv6 and IPv4 (dual stack). An OSError
+    says what could not be bound: `coap: cannot bind udp HOST port PORT: REASON`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -369,7 +370,8 @@ def bind_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.bind((host, port))
         sock.setblocking(False)
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        raise OSError(e.errno, f"coap: cannot bind udp {host} port {port}: {e.strerror}"
+                      ) from None
     return sock
