@@ -24,7 +24,7 @@ from gateway.message import MessageFormat
 from gateway.metrics import Metrics
 from gateway.model import Record, Uplink, Verdict
 from gateway.registry import Device, Registry
-from gateway.replay import ReplayWindow, Seen, SeqAccept
+from gateway.replay import ReplayWindow, Seen, SeqAccept, SeqState
 from gateway.schema import SchemaViolation, TypeSchema, build_schemas
 from gateway.spool import Spool, record_size
 from gateway.timefmt import rfc3339_ms
@@ -90,8 +90,9 @@ class Pipeline:
         self._schemas: dict[str, TypeSchema] = build_schemas(settings.types)
         self._format = message_format(settings, self._schemas)
         self._seqs = ReplayWindow(spool.seq_states)
-        # (device, seq) being committed now -> replies waiting for that commit
-        self._pending: dict[tuple[str, int], list[Reply]] = {}
+        # (device, seq) being committed now -> its accept and the replies waiting for it
+        self._pending: dict[tuple[str, int], tuple[SeqAccept, list[Reply]]] = {}
+        spool.on_rollback = self._roll_back_seqs
         limits = settings.limits
         self._rate_limit = RateLimit(limits.per_device_rate, limits.per_device_burst)
         self._in_flight = 0
@@ -186,10 +187,10 @@ class Pipeline:
 
         seq, seen = report.seq, Seen.NEW
         if seq is not None:
-            waiters = self._pending.get((device.device_id, seq))
-            if waiters is not None:  # the same seq is being committed right now
+            pending = self._pending.get((device.device_id, seq))
+            if pending is not None:  # the same seq is being committed right now
                 self._metrics.uplinks_duplicate.inc()
-                waiters.append(reply)
+                pending[1].append(reply)
                 return
             seen = self._seqs.check(device.device_id, seq, report.device_time)
             if seen is Seen.DUPLICATE:
@@ -215,23 +216,23 @@ class Pipeline:
         if self._in_flight >= self._max_in_flight:
             raise UplinkRejected(C.SERVICE_UNAVAILABLE, "overloaded", "overloaded, retry later",
                                  max_age_s=self._overload_max_age_s)
-        self._in_flight += 1
         accepted_seq: SeqAccept | None = None
         if seq is not None:
-            self._pending[(device.device_id, seq)] = []
             if seen is Seen.RESET:
                 log.info("device %s restarted its seq at %d (device time moved forward)",
                          device.device_id, seq)
-            self._seqs.accept(device.device_id, seq, report.device_time, seen)
             accepted_seq = (device.device_id, seq, report.device_time, seen)
+            self._seqs.accept(*accepted_seq)
+            self._pending[(device.device_id, seq)] = (accepted_seq, [])
+        self._in_flight += 1  # from here on, nothing can raise before on_durable is queued
 
         def on_durable(ok: bool) -> None:
             self._in_flight -= 1
             waiters: list[Reply] = []
             if seq is not None:
-                waiters = self._pending.pop((device.device_id, seq), [])
-                if not ok:
-                    self._seqs.forget(device.device_id, seq)
+                entry = self._pending.pop((device.device_id, seq), None)
+                if entry is not None:
+                    waiters = entry[1]
             if ok:
                 self._liveness.seen(device, uplink.received_at)
                 self._metrics.uplinks_accepted.inc()
@@ -248,6 +249,18 @@ class Pipeline:
                 waiter(verdict)
 
         self._spool.append(record, on_durable, accepted_seq)
+
+    def _roll_back_seqs(self, before: dict[str, SeqState | None],
+                        failed: set[tuple[str, int]]) -> None:
+        """A commit failed: its devices' windows go back to what the file holds, then
+        every accept still being committed for them is applied again, in order, as the
+        spool's writer will apply it. So a retry is judged as it was the first time (a
+        restarted counter stays a restart), never against accepts that did not happen."""
+        for device_id, state in before.items():
+            self._seqs.restore(device_id, state)
+        for key, (accepted, _) in self._pending.items():
+            if key[0] in before and key not in failed:
+                self._seqs.accept(*accepted)
 
     def _accepted(self, device: Device, uplink: Uplink) -> Verdict:
         """2.04, carrying the device's next downlink command if one waits."""

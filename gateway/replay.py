@@ -5,6 +5,12 @@ is a duplicate (answered 2.04, never forwarded twice); one below the window is s
 unless the device's clock (`ts`) moved forward, which is how a device that rebooted and
 restarted its counter is told from a replay. The state is saved in the spool's commit,
 so it holds across restarts. Pure in-memory logic: no I/O here.
+
+Every operation is O(1) whatever the seq (up to 2^63-1): a jump of WINDOW or more starts
+a fresh bitmap instead of shifting the old one out. What a huge jump means: the device's
+mark moves there, so every lower seq is stale from then on unless it carries a newer `ts`
+(then it is a restarted counter). A device that sends INT64_MAX once must send `ts` to
+come back down; without `ts` it gets 4.00 stale_seq, which says so.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ class ReplayWindow:
     def __len__(self) -> int:
         return len(self._state)
 
+    def devices(self) -> list[str]:
+        return list(self._state)
+
     def check(self, device_id: str, seq: int, ts: float | None) -> Seen:
         s = self._state.get(device_id)
         if s is None or seq > s.hwm:
@@ -62,10 +71,13 @@ class ReplayWindow:
         if s is None or seen is Seen.RESET:
             s = self._state[device_id] = _DeviceSeqs(seq, 1, ts)
         elif seq > s.hwm:
-            s.bitmap = ((s.bitmap << (seq - s.hwm)) | 1) & _MASK
+            jump = seq - s.hwm
+            # Never shift by a huge jump: 2^36 places would be a MemoryError.
+            s.bitmap = ((s.bitmap << jump) | 1) & _MASK if jump < WINDOW else 1
             s.hwm = seq
-        else:
+        elif s.hwm - seq < WINDOW:
             s.bitmap |= 1 << (s.hwm - seq)
+        # else: below the window (an accept replayed onto an older state): no bit for it
         if ts is not None and (s.last_ts is None or ts > s.last_ts):
             s.last_ts = ts
 
@@ -83,9 +95,3 @@ class ReplayWindow:
     def hwm(self, device_id: str) -> int | None:
         s = self._state.get(device_id)
         return None if s is None else s.hwm
-
-    def forget(self, device_id: str, seq: int) -> None:
-        """Undo `accept` of a seq whose record could not be stored (a failed commit)."""
-        s = self._state.get(device_id)
-        if s is not None and 0 <= s.hwm - seq < WINDOW:
-            s.bitmap &= ~(1 << (s.hwm - seq))

@@ -84,7 +84,8 @@ class Service:
         every_device, registry = self._load_registry(s)
         assert s.liveness.path is not None  # load_config derives it from the spool path
         files = state_files(s.spool.path, s.liveness.path, self._worker, self._workers)
-        self._spool = spool = Spool(files.spool, s.spool.max_bytes, s.spool.max_batch)
+        self._spool = spool = Spool(files.spool, s.spool.max_bytes, s.spool.max_batch,
+                                   s.spool.commit_linger_ms / 1000)
         spool.open()
         spool.on_commit = self._on_commit
         m = self.metrics
@@ -269,10 +270,16 @@ class Service:
         try:
             while not self.stop.is_set():
                 reload_wait = asyncio.ensure_future(self._reload.wait())
-                assert self._publisher_task is not None
-                await asyncio.wait({stop_wait, reload_wait, self._publisher_task},
+                assert self._publisher_task is not None and self._spool is not None
+                writer_failed = self._spool.writer_failed
+                assert writer_failed is not None
+                await asyncio.wait({stop_wait, reload_wait, self._publisher_task, writer_failed},
                                    return_when=asyncio.FIRST_COMPLETED)
                 reload_wait.cancel()
+                if writer_failed.done():
+                    # Nothing can be made durable: exit (systemd restarts the unit) rather
+                    # than look healthy while every uplink waits for an answer.
+                    raise RuntimeError(writer_failed.result())
                 if self._publisher_task.done():
                     # The publisher only ends on its own through a bug: make it loud.
                     self._publisher_task.result()

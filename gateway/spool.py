@@ -1,8 +1,10 @@
 """The durability boundary: an SQLite (WAL) queue of records between ingest and publisher.
 
-Appends are group-committed by one writer thread (one fsync per batch) and reported back
-to the event loop; the publisher reads in order and deletes only what the broker acked.
-It never drops a record it accepted: when full, `has_room` says no and ingest answers 5.03.
+Appends are group-committed by one writer thread (one fsync per batch, a batch held open
+at most `linger_s` so a moderate load still commits in groups) and reported back to the
+event loop; the publisher reads in order and deletes only what the broker acked. It never
+drops a record it accepted: when full, `has_room` says no and ingest answers 5.03. One
+batch that fails (disk full, I/O error, a bug) fails only its own records, never the writer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gateway.model import Record
-from gateway.replay import ReplayWindow, SeqAccept, SeqState
+from gateway.replay import ReplayWindow, Seen, SeqAccept, SeqState
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +30,29 @@ OnDurable = Callable[[bool], None]
 # What the pipeline appends: the record, who waits for it, and the seq it accepts. The
 # writer replays those accepts on its own window and saves the result in the same
 # transaction as the records, so the saved state holds exactly what was committed.
-_Append = tuple[Record, OnDurable | None, SeqAccept | None]
+# The last field is when it was appended (time.monotonic()), for the linger bound.
+_Append = tuple[Record, OnDurable | None, SeqAccept | None, float]
+# A failed batch hands the loop the replay state its devices had before it (what the
+# file still holds) and the accepts it carried, so the pipeline can roll back exactly.
+OnRollback = Callable[[dict[str, "SeqState | None"], set[tuple[str, int]]], None]
 # Bytes counted per row beyond topic and payload: rowid, b-tree cell, WAL frame share.
 ROW_OVERHEAD_BYTES = 32
 # Committed records are also kept in memory for the publisher, up to this much; past it
 # (a long broker outage) the publisher reads them back from the file instead.
 MEMORY_BYTES = 64 << 20
 
+# The on-disk layout's version (PRAGMA user_version). 2: records ids assigned by the writer
+# (no AUTOINCREMENT, no sqlite_sequence page per commit) and the seq_log table. A file of a
+# newer version is refused, never misread.
+FORMAT_VERSION = 2
+# Why this layout (docs/decisions.md, "The commit path at the plant's load"): a commit
+# writes whole pages, so each one must touch few. Records and seq_log are appended at
+# their b-trees' right edge (one or two leaf pages per commit, whatever the devices);
+# the per-device replay state, whose rows are scattered over ~600 pages with 40,000
+# devices, is folded from seq_log into device_seqs only every SEQ_FOLD_ROWS accepts.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     retain INTEGER NOT NULL DEFAULT 0
@@ -48,8 +63,24 @@ CREATE TABLE IF NOT EXISTS device_seqs (
     bitmap INTEGER NOT NULL,  -- 64 bits, stored signed
     last_ts REAL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seq_log (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL,
+    reset INTEGER NOT NULL  -- 1: the accept restarted the device's counter (Seen.RESET)
+);
 """
-_INSERT_RECORDS = ("INSERT INTO records (topic, payload, retain) VALUES", "", 3)
+# Accepts logged before they are folded into device_seqs (and the log emptied): at 667
+# uplinks/s about every 10 minutes.
+SEQ_FOLD_ROWS = 400_000
+# A batch of deletions alone waits this long for appends to ride with (an acked record
+# left in the file is only re-sent after a crash, and consumers drop duplicates by seq).
+DELETE_LINGER_S = 1.0
+# After a failed commit, its deletions are tried again this often even with no appends.
+RETRY_S = 1.0
+_INSERT_RECORDS = ("INSERT INTO records (id, topic, payload, retain) VALUES", "", 4)
+_INSERT_SEQ_LOG = ("INSERT INTO seq_log (device_id, seq, ts, reset) VALUES", "", 4)
 _UPSERT_SEQS = (
     "INSERT INTO device_seqs (device_id, hwm, bitmap, last_ts) VALUES",
     "ON CONFLICT(device_id) DO UPDATE SET hwm=excluded.hwm, bitmap=excluded.bitmap, "
@@ -106,13 +137,88 @@ def _seq_rows(window: ReplayWindow, devices: Iterable[str]
             yield device_id, hwm, _signed64(bitmap), last_ts
 
 
+def _log_row(accepted: SeqAccept) -> tuple[str, int, float | None, int]:
+    device_id, seq, ts, seen = accepted
+    return device_id, seq, ts, int(seen is Seen.RESET)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk when COMMIT returns, even if the machine loses power.
+    # tests/test_commit_order.py checks it on the running gateway (every 2.04 after the
+    # fdatasync of its commit) and on the connection itself.
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA busy_timeout=5000")
     return db
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Bring a spool file to FORMAT_VERSION in one transaction; refuse a newer one."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > FORMAT_VERSION:
+        raise SpoolError(f"spool format {version} was written by a newer nbiot-gateway; this "
+                         f"one reads up to format {FORMAT_VERSION}: upgrade it, or move the "
+                         "file away (its records would be lost)")
+    if version == FORMAT_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
+        (table_sql,) = db.execute(
+            "SELECT coalesce(max(sql), '') FROM sqlite_master WHERE name = 'records'").fetchone()
+        if "AUTOINCREMENT" in table_sql.upper():  # format 0/1: rebuild without it
+            retain = "retain" if "retain" in columns else "0"
+            db.execute("ALTER TABLE records RENAME TO records_v1")
+            _create_tables(db)
+            db.execute(f"INSERT INTO records (id, topic, payload, retain) "
+                       f"SELECT id, topic, payload, {retain} FROM records_v1")
+            db.execute("DROP TABLE records_v1")
+        else:
+            _create_tables(db)
+        db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _create_tables(db: sqlite3.Connection) -> None:
+    """SCHEMA statement by statement (executescript would commit the open transaction)."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def fold_seq_log(db: sqlite3.Connection) -> dict[str, SeqState]:
+    """Replay seq_log onto device_seqs in one transaction and empty it; return the states.
+    The spool does it at open; rebalance before it copies device_seqs between files."""
+    saved = {device_id: (hwm, bitmap & 0xFFFF_FFFF_FFFF_FFFF, last_ts)
+             for device_id, hwm, bitmap, last_ts in db.execute("SELECT * FROM device_seqs")}
+    if not _has_table(db, "seq_log"):
+        return saved
+    window = ReplayWindow(saved)
+    touched: set[str] = set()
+    for device_id, seq, ts, reset in db.execute(
+            "SELECT device_id, seq, ts, reset FROM seq_log ORDER BY id"):
+        window.accept(device_id, seq, ts, Seen.RESET if reset else Seen.NEW)
+        touched.add(device_id)
+    if touched:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            _execute_rows(db, _UPSERT_SEQS, list(_seq_rows(window, touched)))
+            db.execute("DELETE FROM seq_log")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return {device_id: state for device_id in window.devices()
+            if (state := window.snapshot(device_id)) is not None}
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                      (name,)).fetchone() is not None
 
 
 def record_size(record: Record) -> int:
@@ -124,12 +230,15 @@ class SpoolError(Exception):
 
 
 class Spool:
-    """Durable FIFO of Records. Use as `async with Spool(path, max_bytes) as spool:`."""
+    """Durable FIFO of Records. Use as `async with Spool(path, max_bytes) as spool:`.
+    `linger_s`: how long an appended record may wait for others to share its commit."""
 
-    def __init__(self, path: Path, max_bytes: int, max_batch: int = 2000) -> None:
+    def __init__(self, path: Path, max_bytes: int, max_batch: int = 2000,
+                 linger_s: float = 0.0) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.max_batch = max_batch
+        self.linger_s = linger_s
         self._queue: queue.SimpleQueue[_Append | list[int] | None]
         self._queue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,8 +257,18 @@ class Spool:
         self._deletes_pending = 0  # ids queued for deletion, not yet committed
         self._deleted = asyncio.Event()
         self._deleted.set()
+        # Set (on the loop) if the writer thread ever ends other than by close(): the
+        # service waits on it and exits, rather than answer nothing while looking alive.
+        self.writer_failed: asyncio.Future[str] | None = None
         self.on_commit: Callable[[int, float], None] | None = None  # (records, seconds)
+        self.on_rollback: OnRollback | None = None
         self.seq_states: dict[str, SeqState] = {}  # as saved, read once at open
+        # Writer thread only: the next record id, accepts logged since the last fold and
+        # the devices they touched, and when a failed fold may be tried again.
+        self._next_id = 1
+        self._logged = 0
+        self._unfolded: set[str] = set()
+        self._fold_not_before = 0.0
 
     # -- lifecycle ---------------------------------------------------------------
     async def __aenter__(self) -> Spool:
@@ -161,17 +280,12 @@ class Spool:
 
     def open(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.writer_failed = self._loop.create_future()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = _connect(self.path)
-            db.executescript(SCHEMA)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
-            if "retain" not in columns:  # a spool written before retained records existed
-                db.execute("ALTER TABLE records ADD COLUMN retain INTEGER NOT NULL DEFAULT 0")
-            self.seq_states = {
-                device_id: (hwm, bitmap & 0xFFFF_FFFF_FFFF_FFFF, last_ts)
-                for device_id, hwm, bitmap, last_ts in db.execute("SELECT * FROM device_seqs")
-            }
+            _upgrade(db)
+            self.seq_states = fold_seq_log(db)
             count, size, last_id = db.execute(
                 "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0), "
                 "coalesce(max(id), 0) FROM records"
@@ -179,6 +293,7 @@ class Spool:
         except (OSError, sqlite3.Error) as e:
             raise SpoolError(f"cannot open spool {self.path}: {e}") from e
         self._records = count
+        self._next_id = last_id + 1
         self._saved_seqs = ReplayWindow(self.seq_states)  # the writer thread's own copy
         self._mem_from_id = last_id + 1  # older records are read from the file
         self._bytes = size + count * ROW_OVERHEAD_BYTES
@@ -221,7 +336,7 @@ class Spool:
         self._bytes += record_size(record)
         self._uncommitted += 1
         self._drained.clear()
-        self._queue.put((record, on_durable, accepted_seq))
+        self._queue.put((record, on_durable, accepted_seq, time.monotonic()))
 
     async def wait_committed(self) -> None:
         """Return once everything appended so far is durable (or failed)."""
@@ -296,80 +411,173 @@ class Spool:
             self._mem_bytes = 0
             self._mem_from_id = first_id + len(batch)
             return
-        for offset, (record, _, _) in enumerate(batch):
+        for offset, (record, _, _, _) in enumerate(batch):
             self._mem.append(Record(record.topic, record.payload, record.retain, first_id + offset))
             self._mem_bytes += record_size(record)
 
     # -- the writer thread -------------------------------------------------------
     def _write_loop(self, db: sqlite3.Connection) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            batch: list[_Append] = []
-            deletions: list[int] = []
-            while True:
-                if item is None:
-                    stopping = True
-                elif isinstance(item, list):
-                    deletions.extend(item)
-                else:
-                    batch.append(item)
+        """Commit batches until close(). Nothing a batch raises ends the loop; if the loop
+        itself dies, `writer_failed` says why and the service stops."""
+        retry: list[int] = []  # deletions of a failed commit, to try again
+        try:
+            stopping = False
+            while not stopping:
+                batch, deletions, stopping = self._next_batch(retry)
+                if batch or deletions:
+                    db, ok = self._commit(db, batch, deletions)
+                    retry = [] if ok else deletions
+                if self._logged >= SEQ_FOLD_ROWS or (stopping and self._logged):
+                    db = self._fold(db, stopping)
+        except BaseException as e:
+            log.critical("spool writer thread died: %r; nothing can be made durable, "
+                         "the gateway stops", e, exc_info=True)
+            self._signal_failure(f"spool writer thread died: {e!r}")
+            raise
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+    def _next_batch(self, retry: list[int]) -> tuple[list[_Append], list[int], bool]:
+        """Wait for the next group: appends that arrived within `linger_s` of the oldest
+        (at most max_batch), and every deletion queued meanwhile. Appends that queued
+        up during the previous commit are already due: a busy gateway never lingers."""
+        batch: list[_Append] = []
+        deletions: list[int] = list(retry)
+        deadline = time.monotonic() + RETRY_S if retry else None
+        item: _Append | list[int] | None
+        try:
+            item = self._queue.get(timeout=RETRY_S if retry else None)
+        except queue.Empty:
+            return batch, deletions, False
+        while True:
+            if item is None:
+                return batch, deletions, True
+            if isinstance(item, list):
+                deletions.extend(item)
+                if deadline is None:
+                    deadline = time.monotonic() + DELETE_LINGER_S
+            else:
+                if not batch:
+                    due = item[3] + self.linger_s
+                    deadline = due if deadline is None else min(deadline, due)
+                batch.append(item)
                 if len(batch) >= self.max_batch:
-                    break
+                    return batch, deletions, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                assert deadline is not None
+                wait_s = deadline - time.monotonic()
+                if wait_s <= 0:
+                    return batch, deletions, False
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=wait_s)
                 except queue.Empty:
-                    break
-            if batch or deletions:
-                self._commit(db, batch, deletions)
-        db.close()
+                    return batch, deletions, False
 
     def _commit(
         self,
         db: sqlite3.Connection,
         batch: list[_Append],
         deletions: list[int],
-    ) -> None:
+    ) -> tuple[sqlite3.Connection, bool]:
+        """One transaction: deletions, the batch's records and its accepts. On any error
+        it is rolled back whole (records, accepts, the writer's window, the ids) and its
+        records are answered 5.03; returns the connection to go on with."""
         started = time.perf_counter()
-        ok = True
-        last_id = 0
         window = self._saved_seqs
         before: dict[str, SeqState | None] = {}  # to roll the window back with the transaction
-        for _, _, accepted in batch:
-            if accepted is not None:
-                device_id = accepted[0]
-                if device_id not in before:
-                    before[device_id] = window.snapshot(device_id)
-                window.accept(*accepted)
+        accepts: list[SeqAccept] = []
+        first_id = self._next_id
+        error: BaseException | None = None
         try:
+            for _, _, accepted, _ in batch:
+                if accepted is not None:
+                    device_id = accepted[0]
+                    if device_id not in before:
+                        before[device_id] = window.snapshot(device_id)
+                    window.accept(*accepted)
+                    accepts.append(accepted)
             db.execute("BEGIN")
             if deletions:
                 db.executemany("DELETE FROM records WHERE id BETWEEN ? AND ?",
                                _id_ranges(deletions))
-            _execute_rows(db, _INSERT_RECORDS, [(r.topic, r.payload, r.retain) for r, _, _ in batch])
-            # One writer and AUTOINCREMENT: the batch got consecutive ids ending here.
-            (last_id,) = db.execute("SELECT last_insert_rowid()").fetchone()
-            if before:
-                _execute_rows(db, _UPSERT_SEQS, list(_seq_rows(window, before)))
+            _execute_rows(db, _INSERT_RECORDS, [(first_id + i, r.topic, r.payload, r.retain)
+                                                for i, (r, _, _, _) in enumerate(batch)])
+            if accepts:
+                _execute_rows(db, _INSERT_SEQ_LOG, [_log_row(a) for a in accepts])
             db.execute("COMMIT")
-        except sqlite3.Error as e:
-            ok = False
-            log.error("spool commit of %d records failed: %s; their devices were answered 5.03 "
-                      "and will retry", len(batch), e)
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+        except Exception as e:  # SQLITE_FULL, IOERR, a bad value: this batch only
+            error = e
+        ok = error is None
+        if ok:
+            self._next_id += len(batch)
+            self._logged += len(accepts)
+            self._unfolded.update(before)
+        else:
+            log.error("spool commit of %d records and %d deletions failed: %s; the devices "
+                      "were answered 5.03 and will retry, the deletions are retried",
+                      len(batch), len(deletions), error)
+            db = self._roll_back(db)
             for device_id, state in before.items():
                 window.restore(device_id, state)
         elapsed = time.perf_counter() - started
+        rollback = (before, {(a[0], a[1]) for a in accepts}) if not ok and before else None
+        self._to_loop(self._committed, batch, ok, elapsed, first_id,
+                      len(deletions) if ok else 0, rollback)
+        return db, ok
+
+    def _roll_back(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        """End a failed transaction; reopen the file if even that failed."""
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        if not db.in_transaction:
+            return db
+        log.error("spool transaction still open after ROLLBACK: reopening %s", self.path)
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
+        return _connect(self.path)
+
+    def _fold(self, db: sqlite3.Connection, stopping: bool) -> sqlite3.Connection:
+        """Write the replay state of the devices logged since the last fold into
+        device_seqs and empty seq_log, in one transaction (the writer's window already
+        holds exactly what was committed). A failure keeps the log: it is tried later."""
+        now = time.monotonic()
+        if now < self._fold_not_before and not stopping:
+            return db
+        started = time.perf_counter()
+        try:
+            db.execute("BEGIN")
+            _execute_rows(db, _UPSERT_SEQS, list(_seq_rows(self._saved_seqs, self._unfolded)))
+            db.execute("DELETE FROM seq_log")
+            db.execute("COMMIT")
+        except Exception as e:
+            log.error("spool: folding %d replay-state accepts into device_seqs failed: %s; "
+                      "they stay in seq_log (read back at start), tried again in %.0f s",
+                      self._logged, e, RETRY_S * 10)
+            self._fold_not_before = now + RETRY_S * 10
+            return self._roll_back(db)
+        log.debug("spool: folded %d accepts of %d devices in %.3f s", self._logged,
+                  len(self._unfolded), time.perf_counter() - started)
+        self._logged = 0
+        self._unfolded.clear()
+        return db
+
+    def _to_loop(self, callback: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
-        first_id = last_id - len(batch) + 1 if ok else 0
         with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
-            self._loop.call_soon_threadsafe(self._committed, batch, ok, elapsed, first_id,
-                                            len(deletions))
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _signal_failure(self, why: str) -> None:
+        def fail() -> None:
+            if self.writer_failed is not None and not self.writer_failed.done():
+                self.writer_failed.set_result(why)
+        self._to_loop(fail)
 
     def _committed(
-        self, batch: list[_Append], ok: bool, elapsed: float,
-        first_id: int, deleted: int,
+        self, batch: list[_Append], ok: bool, elapsed: float, first_id: int, deleted: int,
+        rollback: tuple[dict[str, SeqState | None], set[tuple[str, int]]] | None,
     ) -> None:
         self._uncommitted -= len(batch)
         self._deletes_pending -= deleted
@@ -381,11 +589,16 @@ class Spool:
                 self._remember(batch, first_id)
                 self._appended.set()
         else:
-            self._bytes -= sum(record_size(r) for r, _, _ in batch)
+            self._bytes -= sum(record_size(r) for r, _, _, _ in batch)
         if self.on_commit is not None and batch:
             self.on_commit(len(batch), elapsed)
         try:
-            for _, on_durable, _ in batch:
+            if rollback is not None and self.on_rollback is not None:
+                try:
+                    self.on_rollback(*rollback)
+                except Exception:
+                    log.exception("rolling back the replay state of a failed commit failed")
+            for _, on_durable, _, _ in batch:
                 if on_durable is None:
                     continue
                 try:

@@ -52,12 +52,39 @@ def test_a_counter_restart_inside_the_window_is_told_apart_by_a_newer_time() -> 
     assert window.check("d", 1, 5_001.0) is Seen.NEW
 
 
-def test_forget_undoes_an_accept_whose_commit_failed() -> None:
+def test_a_huge_seq_jump_starts_a_fresh_bitmap_at_once() -> None:
     window = ReplayWindow()
-    window.accept("d", 7, None, Seen.NEW)
-    window.forget("d", 7)
+    window.accept("d", 5, 100.0, Seen.NEW)
+    huge = 2**63 - 1  # INT64_MAX, as firmware sends for "no counter"
+    assert window.check("d", huge, 101.0) is Seen.NEW
+    window.accept("d", huge, 101.0, Seen.NEW)  # a shift by 2^63 would never finish
 
-    assert window.check("d", 7, None) is Seen.NEW
+    assert window.snapshot("d") == (huge, 1, 101.0)
+    assert window.check("d", huge, 101.0) is Seen.DUPLICATE
+    assert window.check("d", 6, None) is Seen.STALE  # replay protection: lower seqs stale
+    assert window.check("d", 6, 102.0) is Seen.RESET  # unless the device clock moved on
+
+
+def test_a_jump_of_exactly_the_window_keeps_only_the_new_mark() -> None:
+    window = ReplayWindow()
+    window.accept("d", 10, None, Seen.NEW)
+    window.accept("d", 10 + 64, None, Seen.NEW)
+
+    assert window.snapshot("d") == (74, 1, None)
+    assert window.check("d", 11, None) is Seen.NEW  # inside the window, never accepted
+    assert window.check("d", 10, None) is Seen.STALE  # left the window
+
+
+def test_an_accept_below_the_window_sets_no_bit_outside_64() -> None:
+    """The spool's writer replays accepts onto the state the file holds; one that lies
+    below that state's window (a failed commit rolled a reset back) must not set bit 999."""
+    window = ReplayWindow()
+    window.accept("d", 1000, 50.0, Seen.NEW)
+    window.accept("d", 1, 60.0, Seen.NEW)
+
+    hwm, bitmap, last_ts = window.snapshot("d") or (0, 0, None)
+    assert (hwm, bitmap, last_ts) == (1000, 1, 60.0)
+    assert bitmap < 1 << 64
 
 
 def test_state_round_trips_through_its_saved_form() -> None:
