@@ -28,6 +28,7 @@ from gateway.liveness import LivenessStore
 from gateway.model import Record
 from gateway.rebalance import RebalanceError, rebalance
 from gateway.replay import ReplayWindow, Seen, SeqState
+from gateway.spool import SCHEMA as SPOOL_SCHEMA
 from gateway.spool import Spool
 from gateway.workers import owner, state_files
 
@@ -265,7 +266,7 @@ async def test_a_backlog_goes_to_each_devices_new_owner_in_its_order(
     (so also in a `records` table without AUTOINCREMENT, as the spool is to have), the
     dead letters in worker 0 file by file, and what the owner appends next comes after."""
     if not autoincrement:
-        monkeypatch.setattr(rb, "SPOOL_SCHEMA", rb.SPOOL_SCHEMA.replace(" AUTOINCREMENT", ""))
+        monkeypatch.setattr(rb, "SPOOL_SCHEMA", SPOOL_SCHEMA.replace(" AUTOINCREMENT", ""))
     spool, liveness = paths(tmp_path)
     old = [state_files(spool, liveness, k, 2).spool for k in range(2)]
     async with Spool(old[0], 1 << 30) as sp:
