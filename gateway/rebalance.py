@@ -2,9 +2,9 @@
 
 Runs once, in one process, before any worker opens its files. The layout on disk is named
 by a marker file `workers` in the spool's directory (inferred from the file names when it
-is missing). When the count changed, every per-device row moves to the files of its new
-owner (`gateway.workers.owner`) and every spooled record to worker 0, through this
-protocol, which a kill -9 or a power loss at any point cannot break:
+is missing). When the count changed, every per-device row and every spooled record moves
+to the files of its device's new owner (`gateway.workers.owner`), through this protocol,
+which a kill -9 or a power loss at any point cannot break:
 
 1. build the new layout in temporary files `<target>.rebalance` (durable, no WAL left);
    a temporary file without a plan is garbage, removed on the next start;
@@ -16,6 +16,26 @@ protocol, which a kill -9 or a power loss at any point cannot break:
 On entry an existing plan is resumed from its phase: deleting a missing file or renaming
 an already renamed one is a no-op, so every step can run again. Anything it cannot make
 sense of raises `RebalanceError` naming the files, rather than guessing.
+
+Spooled records and their order. A record's device is read from its topic
+(`{prefix}/{tenant}/{type}/{device_id}/up`, `.../status`, `.../down/ack`); a record of no
+device (dead letters on `{prefix}/{tenant}/invalid`, any other shape) goes to worker 0.
+Each target takes its records from the old spools in worker order (0, 1, ...), each in
+id order, and numbers them 1, 2, ... in that order (explicit ids: never sqlite_sequence).
+What holds, in each new spool:
+- records that came from one old file keep their relative order; those of old file k
+  come before those of old file k+1;
+- every moved record comes before anything the worker appends later (the spool numbers
+  new records after the highest id in the file).
+So a device's records, which the old layout kept in its owner's file, all sit in its new
+owner's spool in their order, and are published on one connection before its new
+uplinks. Files left by an older rebalance that sent every record to worker 0 hold a
+device's older records in worker 0, which is read first: they stay first too. Not
+ordered, as before the move (each worker publishes on its own connection): records of
+different devices and dead letters from different old files; and the `rejected` acks
+that worker 0 writes for another worker's device (an oversized command) against that
+device's other records. It never drops a record nor changes its topic, payload or retain
+flag, and reads no `records` column but id, topic, payload and retain.
 """
 
 from __future__ import annotations
@@ -42,6 +62,7 @@ PLAN = "rebalance.plan"
 TEMP_SUFFIX = ".rebalance"
 SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 DELETE, RENAME = "delete", "rename"
+_DEVICE_TOPIC_TAILS = (["up"], ["status"], ["down", "ack"])  # after `{p}/{t}/{type}/{id}/`
 
 _COPY_SEQS = (
     "INSERT INTO device_seqs (device_id, hwm, bitmap, last_ts) "
@@ -241,12 +262,13 @@ def _build(olds: list[StateFiles], news: list[StateFiles]) -> _Counts:
 
 
 def _build_spool(target: Path, sources: list[Path], worker: int, workers: int) -> _Counts:
-    """Worker `worker`'s spool: every record if it is worker 0, the replay windows it owns."""
+    """Worker `worker`'s spool: the records of the devices it owns (and, for worker 0, those
+    of no device), sources in the order given (worker order), and the replay windows it
+    owns."""
     with _building(target, _create_spool, workers) as db:
         for source in sources:
             with _attached(db, source):
-                if worker == 0:
-                    _copy_records(db)
+                _copy_records(db, worker)
                 if _has_table(db, "device_seqs"):
                     db.execute(_COPY_SEQS, (worker,))
         (records,) = db.execute("SELECT count(*) FROM records").fetchone()
@@ -266,13 +288,26 @@ def _build_table(target: Path, sources: list[Path], worker: int, workers: int,
     return _Counts(seen=rows) if table == "last_seen" else _Counts(commands=rows)
 
 
-def _copy_records(db: sqlite3.Connection) -> None:
-    """Append src's records in id order (a spool from before `retain` existed has none)."""
+def _copy_records(db: sqlite3.Connection, worker: int) -> None:
+    """Append src's records that go to `worker`, in id order, numbered on from the highest
+    id already in the file (a spool from before `retain` existed has no such column)."""
     columns = {row[1] for row in db.execute("PRAGMA src.table_info(records)")}
     if columns:
         retain = "retain" if "retain" in columns else "0"
-        db.execute("INSERT INTO records (topic, payload, retain) "
-                   f"SELECT topic, payload, {retain} FROM src.records ORDER BY id")
+        (last_id,) = db.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()
+        db.execute("INSERT INTO records (id, topic, payload, retain) "
+                   f"SELECT ? + row_number() OVER (ORDER BY id), topic, payload, {retain} "
+                   "FROM src.records WHERE gw_record_owner(topic) = ? ORDER BY id",
+                   (last_id, worker))
+
+
+def record_device(topic: str) -> str | None:
+    """The device a spooled record belongs to, from the topics the gateway builds
+    (pipeline, liveness, downlink): `{prefix}/{tenant}/{type}/{device_id}/up` or `/status`,
+    `.../{device_id}/down/ack`. None for the rest (dead letters: `{prefix}/{tenant}/invalid`).
+    No part of those may hold a `/` (config.TopicPart, registry.DEVICE_ID)."""
+    parts = topic.split("/")
+    return (parts[3] or None) if parts[4:] in _DEVICE_TOPIC_TAILS else None
 
 
 def _has_table(db: sqlite3.Connection, table: str) -> bool:
@@ -304,7 +339,8 @@ def _building(target: Path, create: Callable[[Path], None], workers: int
               ) -> Iterator[sqlite3.Connection]:
     """A connection to target's new temporary file, made with the real module's schema, in
     rollback-journal mode (no WAL beside it once closed) and synchronous=FULL; the file
-    is fsynced once the connection is closed. SQL `gw_owner(device_id)` is its owner."""
+    is fsynced once the connection is closed. SQL `gw_owner(device_id)` is its owner,
+    `gw_record_owner(topic)` the worker a spooled record goes to."""
     path = _temp(target)
     _remove_db(path)
     create(path)
@@ -313,12 +349,19 @@ def _building(target: Path, create: Callable[[Path], None], workers: int
         db.execute("PRAGMA synchronous=FULL")
         db.create_function("gw_owner", 1, lambda device_id: _owner(device_id, workers),
                            deterministic=True)
+        db.create_function("gw_record_owner", 1, lambda topic: _record_owner(topic, workers),
+                           deterministic=True)
         yield db
     _fsync_file(path)
 
 
 def _owner(device_id: object, workers: int) -> int:
     return owner(device_id, workers) if isinstance(device_id, str) else 0
+
+
+def _record_owner(topic: object, workers: int) -> int:
+    device_id = record_device(topic) if isinstance(topic, str) else None
+    return 0 if device_id is None else owner(device_id, workers)
 
 
 def _create_spool(path: Path) -> None:

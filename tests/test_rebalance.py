@@ -1,7 +1,8 @@
 """Moving the workers' state files to a new worker count, on real SQLite files written and
-read back by the real classes: 1 -> 3 -> 2 -> 1 with every row checked after each move, an
-interruption at every step of the protocol (and one real SIGKILL) resumed to the exact
-result, and the refusals."""
+read back by the real classes: 1 -> 3 -> 2 -> 1 with every row checked after each move
+(spooled records in their device's new owner's spool, in order), an interruption at every
+step of the protocol (and one real SIGKILL) resumed to the exact result, and the
+refusals."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,27 @@ from gateway.liveness import LivenessStore
 from gateway.model import Record
 from gateway.rebalance import RebalanceError, rebalance
 from gateway.replay import ReplayWindow, Seen, SeqState
+from gateway.spool import SCHEMA as SPOOL_SCHEMA
 from gateway.spool import Spool
 from gateway.workers import owner, state_files
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = [f"dev-{i:02d}" for i in range(24)]
+DEAD_LETTERS = "nbiot/plant/invalid"
 Row = tuple[str, bytes, bool]
+# The topics the gateway spools for a device (pipeline, liveness, downlink), as this test
+# writes them; anything else (dead letters) belongs to no device.
+DEVICE_TOPIC = re.compile(r"nbiot/plant/env_th/([^/]+)/(?:up|status|down/ack)")
+
+
+def up(device: str) -> str:
+    return f"nbiot/plant/env_th/{device}/up"
+
+
+def new_owner(row: Row, workers: int) -> int:
+    """Where a moved record belongs: its device's owner; worker 0 if it has no device."""
+    match = DEVICE_TOPIC.fullmatch(row[0])
+    return owner(match[1], workers) if match else 0
 
 
 @dataclass
@@ -45,9 +62,16 @@ class Model:
     commands: dict[str, list[str]] = field(default_factory=dict)  # device -> ids, queue order
 
     def moved(self, workers: int) -> None:
-        everything = [r for k in sorted(self.records) for r in self.records[k]]
-        self.records = {0: everything}
+        """Old file by old file, in order, each record to its new owner's file."""
+        records: dict[int, list[Row]] = {}
+        for k in sorted(self.records):
+            for row in self.records[k]:
+                records.setdefault(new_owner(row, workers), []).append(row)
+        self.records = records
         self.workers = workers
+
+    def total_records(self) -> int:
+        return sum(map(len, self.records.values()))
 
     def seqs(self) -> dict[str, SeqState]:
         return {d: s for d in DEVICES if (s := self.window.snapshot(d)) is not None}
@@ -72,10 +96,17 @@ async def add_state(tmp: Path, model: Model, round_: int, liveness: Path | None 
         async with Spool(files.spool, 1 << 30) as sp:
             for i, device in enumerate(mine):
                 seq, ts = round_ * 10 + i % 3, 1000.0 * round_ + i
-                row = (f"t/{device}/{round_}", b"r%d:%s" % (round_, device.encode()), i % 5 == 0)
+                row = (up(device), b"r%d:%s" % (round_, device.encode()), False)
                 sp.append(Record(*row), None, (device, seq, ts, Seen.NEW))
                 model.window.accept(device, seq, ts, Seen.NEW)
-                model.records.setdefault(k, []).append(row)
+                rows = [row]
+                if i % 3 == 0:  # a retained status, a command's ack, a dead letter
+                    rows += [(f"nbiot/plant/env_th/{device}/status", b"s%d" % round_, True),
+                             (f"nbiot/plant/env_th/{device}/down/ack", b"a%d" % round_, False),
+                             (DEAD_LETTERS, b"d%d:w%d:%s" % (round_, k, device.encode()), False)]
+                for extra in rows[1:]:
+                    sp.append(Record(*extra), None)
+                model.records.setdefault(k, []).extend(rows)
         LivenessStore(files.liveness).save([(d, 100.0 * round_, "online") for d in mine])
         model.seen.update({d: (100.0 * round_, "online") for d in mine})
         ids = [f"c{round_}-{j}" for j in (2, 0, 1)]  # queue order is not id order
@@ -155,7 +186,7 @@ async def test_moves_1_to_3_to_2_to_1_keep_every_row_in_its_owner_files(tmp_path
         summary = rebalance(spool, liveness, workers)
         before = model.workers
         model.moved(workers)
-        total = len(model.records[0])
+        total = model.total_records()
         assert summary is not None and summary.startswith(f"state moved from {before} worker")
         assert f"to {workers}: {total:,} records, {len(model.seqs())} replay windows" in summary
         await check(tmp_path, model)
@@ -222,16 +253,82 @@ async def test_rows_of_one_device_in_several_files_merge_to_the_newest(tmp_path:
         ("z", 0), ("a", 0), ("b", 0), ("y", 1)]
 
 
+def uplink(device: str, seq: int) -> Record:
+    return Record(up(device), json.dumps({"device_id": device, "seq": seq}).encode())
+
+
+@pytest.mark.parametrize("autoincrement", [True, False], ids=["schema-now", "no-autoincrement"])
+async def test_a_backlog_goes_to_each_devices_new_owner_in_its_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autoincrement: bool) -> None:
+    """Two workers' spools as a move to worker 0 left them: worker 0 holds every device's
+    seq 1 and 2, each owner its devices' seq 3, each file a dead letter. After the move to
+    3 workers each spool holds its own devices' records in seq order, numbered 1, 2, ...
+    (so also in a `records` table without AUTOINCREMENT, as the spool is to have), the
+    dead letters in worker 0 file by file, and what the owner appends next comes after."""
+    if not autoincrement:
+        monkeypatch.setattr(rb, "SPOOL_SCHEMA", SPOOL_SCHEMA.replace(" AUTOINCREMENT", ""))
+    spool, liveness = paths(tmp_path)
+    old = [state_files(spool, liveness, k, 2).spool for k in range(2)]
+    async with Spool(old[0], 1 << 30) as sp:
+        for record in [uplink(d, seq) for seq in (1, 2) for d in DEVICES]:
+            sp.append(record, None)
+        sp.append(Record(DEAD_LETTERS, b"from w0"), None)
+    for k in range(2):
+        async with Spool(old[k], 1 << 30) as sp:
+            for device in [d for d in DEVICES if owner(d, 2) == k]:
+                sp.append(uplink(device, 3), None)
+            if k == 1:
+                sp.append(Record(DEAD_LETTERS, b"from w1"), None)
+
+    assert rebalance(spool, liveness, 3) is not None
+
+    for k in range(3):
+        mine = [d for d in DEVICES if owner(d, 3) == k]
+        path = state_files(spool, liveness, k, 3).spool
+        async with Spool(path, 1 << 30) as sp:
+            for device in mine:
+                sp.append(uplink(device, 4), None)
+        sp = Spool(path, 1 << 30)
+        sp.open()
+        try:
+            read = await sp.read_after(0, 1 << 20)
+        finally:
+            await sp.close()
+        seqs: dict[str, list[int]] = {}
+        for record in read:
+            if record.topic != DEAD_LETTERS:
+                message = json.loads(record.payload)
+                seqs.setdefault(message["device_id"], []).append(message["seq"])
+        assert mine and seqs == {d: [1, 2, 3, 4] for d in mine}
+        dead = [r.payload for r in read if r.topic == DEAD_LETTERS]
+        assert dead == ([b"from w0", b"from w1"] if k == 0 else [])
+        assert [r.spool_id for r in read] == list(range(1, len(read) + 1))
+    with closing(sqlite3.connect(path)) as db:
+        has_sequence = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'")
+        assert (has_sequence.fetchone() is not None) == autoincrement
+
+
+def test_the_device_of_a_record_is_read_from_the_topics_the_gateway_spools() -> None:
+    assert rb.record_device("nbiot/plant/env_th/dev-1/up") == "dev-1"
+    assert rb.record_device("p/t/gas/a.b:c-d/status") == "a.b:c-d"
+    assert rb.record_device("p/t/gas/dev-1/down/ack") == "dev-1"
+    for topic in ("nbiot/plant/invalid", "nbiot/gateways/gw1/status", "p/t/gas//up",
+                  "p/t/gas/dev-1/down", "t/dev-1/1", "p/t/x/gas/dev-1/up", ""):
+        assert rb.record_device(topic) is None, topic
+
+
 async def test_a_spool_from_before_retained_records_and_replay_windows(tmp_path: Path) -> None:
     spool, liveness = paths(tmp_path)
+    rows = [(up(d), b"%d" % i) for i, d in enumerate(DEVICES[:6])] + [(DEAD_LETTERS, b"x")]
     with sqlite3.connect(spool) as db:
         db.execute("CREATE TABLE records (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                    "topic TEXT NOT NULL, payload BLOB NOT NULL)")
-        db.executemany("INSERT INTO records (topic, payload) VALUES (?, ?)",
-                       [(f"t/{i}", b"%d" % i) for i in range(5)])
+        db.executemany("INSERT INTO records (topic, payload) VALUES (?, ?)", rows)
     db.close()
     assert rebalance(spool, liveness, 2) is not None
-    model = Model(workers=2, records={0: [(f"t/{i}", b"%d" % i, False) for i in range(5)]})
+    model = Model(records={0: [(topic, payload, False) for topic, payload in rows]})
+    model.moved(2)
+    assert len(model.records) == 2  # both workers got some
     await check(tmp_path, model)
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from gateway.workers import owner
 from tests.coap_raw import RawCoap, uplink_request
-from tests.conftest import Broker, Gateway, Subscription, free_port
+from tests.conftest import Broker, Gateway, Subscription, free_port, wait_for
 from tests.test_dtls import READING, coaps_client, coaps_toml
 
 WORKERS = 2
@@ -208,6 +208,49 @@ def test_changing_the_worker_count_keeps_spooled_uplinks_and_replay_state(
     sub.wait_count(DEVICE_COUNT + 1)
     time.sleep(0.5)  # a wrongly forwarded duplicate would arrive with seq 8
     assert published(sub) == sorted([(d, 7) for d in DEVICES] + [(DEVICES[5], 8)])
+
+
+def worker_pids(gw: Gateway, workers: int) -> list[int]:
+    """The workers' pids in worker order, from the supervisor's latest start line."""
+    starts = re.findall(rf"started {workers} workers \(pids ([\d, ]+)\)", gw.log_path.read_text())
+    return [int(pid) for pid in starts[-1].split(", ")]
+
+
+def test_a_backlog_moved_to_three_workers_is_published_in_each_devices_order(
+    gateway_factory: Callable[..., Gateway], broker: Broker,
+    subscribe: Callable[[str], Subscription]
+) -> None:
+    """Two workers spool seq 1-3 of every device with the broker down; the gateway restarts
+    with three and spools seq 4. The broker comes back while worker 0 is held (SIGSTOP), so
+    a record moved to the wrong worker would arrive after its device's later ones: every
+    device's uplinks arrive as 1, 2, 3, 4."""
+    gw = start_workers(gateway_factory)
+    broker.stop()
+    assert {send(gw, d, seq).code for seq in (1, 2, 3) for d in DEVICES} == {aiocoap.CHANGED}
+    assert gw.stop() == 0
+    gw.env_extra["NBIOT_GATEWAY__WORKERS"] = "3"
+    gw.start()
+    assert "state moved from 2 workers to 3: 96 records" in gw.log_path.read_text()
+    assert {send(gw, d, 4).code for d in DEVICES} == {aiocoap.CHANGED}
+    pids = worker_pids(gw, 3)
+    for pid in pids:  # none may publish before the witness listens
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        broker.start()
+        sub = subscribe("nbiot/#")
+        for pid in pids[1:]:
+            os.kill(pid, signal.SIGCONT)
+        theirs = {d for d in DEVICES if owner(d, 3) != 0}
+        wait_for(lambda: {m["device_id"] for m in sub.messages() if m["seq"] == 4} >= theirs,
+                 what="seq 4 of workers 1 and 2's devices")
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    sub.wait_count(4 * DEVICE_COUNT)
+    seqs: dict[str, list[int]] = {}
+    for message in sub.messages():
+        seqs.setdefault(message["device_id"], []).append(message["seq"])
+    assert seqs == {d: [1, 2, 3, 4] for d in DEVICES}
 
 
 @pytest.mark.parametrize("plain_coap", ["true", "false"])
