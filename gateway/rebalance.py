@@ -52,7 +52,9 @@ from pathlib import Path
 
 from gateway.downlink import DownlinkStore
 from gateway.liveness import LivenessStore
+from gateway.spool import FORMAT_VERSION as SPOOL_FORMAT
 from gateway.spool import SCHEMA as SPOOL_SCHEMA
+from gateway.spool import fold_seq_log
 from gateway.workers import StateFiles, owner, state_files
 
 log = logging.getLogger(__name__)
@@ -251,6 +253,11 @@ def _build(olds: list[StateFiles], news: list[StateFiles]) -> _Counts:
     spools = [f.spool for f in olds if f.spool.exists()]
     livenesses = [f.liveness for f in olds if f.liveness.exists()]
     downlinks = [f.downlink for f in olds if f.downlink.exists()]
+    for source in spools:
+        # Replay accepts not yet folded (a kill -9 leaves them in seq_log): one
+        # transaction per file, which leaves it a valid spool whatever happens next.
+        with closing(sqlite3.connect(source, isolation_level=None)) as db:
+            fold_seq_log(db)
     counts = _Counts()
     for worker, files in enumerate(news):
         counts += _build_spool(files.spool, spools, worker, len(news))
@@ -367,6 +374,7 @@ def _record_owner(topic: object, workers: int) -> int:
 def _create_spool(path: Path) -> None:
     with closing(sqlite3.connect(path)) as db:
         db.executescript(SPOOL_SCHEMA)
+        db.execute(f"PRAGMA user_version={SPOOL_FORMAT}")
 
 
 def _create_liveness(path: Path) -> None:

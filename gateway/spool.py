@@ -193,6 +193,8 @@ def _create_tables(db: sqlite3.Connection) -> None:
 def fold_seq_log(db: sqlite3.Connection) -> dict[str, SeqState]:
     """Replay seq_log onto device_seqs in one transaction and empty it; return the states.
     The spool does it at open; rebalance before it copies device_seqs between files."""
+    if not _has_table(db, "device_seqs"):  # a file from before replay windows
+        return {}
     saved = {device_id: (hwm, bitmap & 0xFFFF_FFFF_FFFF_FFFF, last_ts)
              for device_id, hwm, bitmap, last_ts in db.execute("SELECT * FROM device_seqs")}
     if not _has_table(db, "seq_log"):
