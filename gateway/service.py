@@ -12,7 +12,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway import gctune
 from gateway.coap.server import CoapServer, UplinkSink, bind_udp
@@ -273,8 +273,9 @@ class Service:
                 assert self._publisher_task is not None and self._spool is not None
                 writer_failed = self._spool.writer_failed
                 assert writer_failed is not None
-                await asyncio.wait({stop_wait, reload_wait, self._publisher_task, writer_failed},
-                                   return_when=asyncio.FIRST_COMPLETED)
+                waits: set[asyncio.Future[Any]] = {stop_wait, reload_wait, self._publisher_task,
+                                                   writer_failed}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 reload_wait.cancel()
                 if writer_failed.done():
                     # Nothing can be made durable: exit (systemd restarts the unit) rather
