@@ -435,7 +435,6 @@ class Spool:
             log.critical("spool writer thread died: %r; nothing can be made durable, "
                          "the gateway stops", e, exc_info=True)
             self._signal_failure(f"spool writer thread died: {e!r}")
-            raise
         finally:
             with contextlib.suppress(sqlite3.Error):
                 db.close()

@@ -258,6 +258,35 @@ class Gateway:
         self.stop(signal.SIGKILL)
 
 
+@dataclass
+class SandboxedGateway(Gateway):
+    """The gateway exec'd through `prefix` (strace, the MDWE wrapper) instead of directly."""
+
+    prefix: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = popen_logged(
+            [*self.prefix, sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+            self.log_path, cwd=self.workdir, env={**os.environ, **self.env_extra})
+        wait_for(self._ready, what="sandboxed gateway /healthz")
+
+    def signal_gateway(self, sig: int) -> None:
+        """Signal the gateway itself: strace's child (the wrapper exec'd it, same pid)."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        os.kill(int(children[0]), sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the gateway; strace exits with the gateway's exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.signal_gateway(sig)
+        returncode = self.proc.wait(timeout)
+        self.proc = None
+        return returncode
+
+
 @pytest.fixture
 def gateway_factory(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     made: list[Gateway] = []

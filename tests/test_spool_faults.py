@@ -149,3 +149,17 @@ async def test_a_failed_reset_rolls_the_devices_window_back_to_what_the_file_hol
         assert reopened.seq_states["dev"] == (1, 1, 60.0)
     finally:
         await reopened.close()
+
+
+async def test_if_the_writer_thread_dies_the_loop_is_told(tmp_path: Path) -> None:
+    """Not one batch failing but the loop itself (a bug): `writer_failed` resolves, and
+    the service, which waits on it, exits instead of answering nothing while healthy."""
+    spool = Spool(tmp_path / "spool.sqlite", 1 << 30)
+    spool.open()
+    try:
+        spool._queue.put("not a queue item")  # type: ignore[arg-type]
+        assert spool.writer_failed is not None
+        why = await asyncio.wait_for(spool.writer_failed, 10)
+        assert "spool writer thread died" in why
+    finally:
+        await spool.close()

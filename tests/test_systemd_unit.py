@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import aiocoap
 import pytest
 
 from gateway.config import load_config
-from tests.conftest import DEVICES, ROOT, Broker, Gateway, Subscription, popen_logged, wait_for
+from tests.conftest import DEVICES, ROOT, Broker, SandboxedGateway, Subscription, wait_for
 
 UNIT = ROOT / "systemd" / "nbiot-gateway.service"
 SYSTEMD_CONFIG = ROOT / "config" / "gateway.systemd.toml"
@@ -143,35 +142,6 @@ os.execv(sys.argv[1], sys.argv[1:])
 SYSCALL_LINE = re.compile(r"^(\d+)\s+(?:<\.\.\. )?([a-z_0-9]+)(?:\(| resumed>)")
 SOCKET_FAMILY = re.compile(r"\bsocket(?:pair)?\((AF_[A-Z0-9]+)")
 FAMILY_NAMES = {"AF_INET", "AF_INET6", "AF_UNIX", "AF_LOCAL"}
-
-
-@dataclass
-class SandboxedGateway(Gateway):
-    """The gateway exec'd through `prefix` (strace, the MDWE wrapper) instead of directly."""
-
-    prefix: list[str] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.proc = popen_logged(
-            [*self.prefix, sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
-            self.log_path, cwd=self.workdir, env={**os.environ, **self.env_extra})
-        wait_for(self._ready, what="sandboxed gateway /healthz")
-
-    def signal_gateway(self, sig: int) -> None:
-        """Signal the gateway itself: strace's child (the wrapper exec'd it, same pid)."""
-        assert self.proc is not None
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        assert len(children) == 1, children
-        os.kill(int(children[0]), sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        """Signal the gateway; strace exits with the gateway's exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.signal_gateway(sig)
-        returncode = self.proc.wait(timeout)
-        self.proc = None
-        return returncode
 
 
 @pytest.fixture(params=[1, 2], ids=["one process", "two workers"])
