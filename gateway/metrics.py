@@ -42,6 +42,29 @@ WORKERS_UP_HELP = (
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class DiskWrites(Collector):
+    """Bytes this process had written to storage, read from /proc/self/io at each scrape:
+    what the spool's commit policy is judged by (disk wear is an operating cost)."""
+
+    NAME = f"{NS}_disk_write_bytes"
+
+    def __init__(self, registry: CollectorRegistry, path: str = "/proc/self/io") -> None:
+        self._path = path
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with open(self._path) as f:
+                fields = dict(line.split(": ", 1) for line in f.read().splitlines())
+            written = float(fields["write_bytes"]) - float(fields.get("cancelled_write_bytes", 0))
+        except (OSError, KeyError, ValueError):  # no /proc (or no task I/O accounting)
+            return
+        yield CounterMetricFamily(
+            self.NAME, "Bytes this process wrote to storage (write_bytes less "
+            "cancelled_write_bytes of /proc/self/io): the spool, liveness and downlink files. "
+            "Divide its rate by the uplinks' to see what each costs the disk.", value=written)
+
+
 class LoopCounter(Collector):
     """A counter updated once or more per uplink, from the event loop only: a plain number,
     without the lock and checks of prometheus_client's Counter (~1 µs an increment, a
@@ -97,6 +120,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
+        DiskWrites(r)
         Gauge(f"{NS}_build_info", "Version of the running gateway (value is always 1).",
               ["version"], registry=r).labels(__version__).set(1)
         self.uplinks_received = LoopCounter(
@@ -129,7 +153,9 @@ class Metrics:
             "Time from receiving an uplink to sending its 2.04 (the record is durable).",
             LATENCY_BUCKETS_S, r)
         self.spool_commit_seconds = Histogram(
-            f"{NS}_spool_commit_seconds", "Duration of one spool group commit (with fsync).",
+            f"{NS}_spool_commit_seconds",
+            "Duration of one spool transaction (with its fsync); its _count is the spool's "
+            "fsyncs. See spool.commit_linger_ms.",
             buckets=LATENCY_BUCKETS_S, registry=r)
         self.spool_commit_records = Counter(
             f"{NS}_spool_committed_records", "Records made durable in the spool.", registry=r)

@@ -591,7 +591,7 @@ class Spool:
                 self._appended.set()
         else:
             self._bytes -= sum(record_size(r) for r, _, _, _ in batch)
-        if self.on_commit is not None and batch:
+        if self.on_commit is not None and ok:
             self.on_commit(len(batch), elapsed)
         try:
             if rollback is not None and self.on_rollback is not None:
