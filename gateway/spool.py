@@ -441,41 +441,45 @@ class Spool:
 
     def _next_batch(self, retry: list[int]) -> tuple[list[_Append], list[int], bool]:
         """Wait for the next group: appends that arrived within `linger_s` of the oldest
-        (at most max_batch), and every deletion queued meanwhile. Appends that queued
-        up during the previous commit are already due: a busy gateway never lingers."""
+        (at most max_batch), and every deletion queued meanwhile. Appends that queued up
+        during the previous commit are already due, so a busy gateway never lingers.
+        While lingering the thread sleeps rather than wake for each append: one wake-up
+        and one GIL hand-over per batch, not per uplink (docs/decisions.md)."""
         batch: list[_Append] = []
         deletions: list[int] = list(retry)
         deadline = time.monotonic() + RETRY_S if retry else None
-        item: _Append | list[int] | None
         try:
             item = self._queue.get(timeout=RETRY_S if retry else None)
         except queue.Empty:
             return batch, deletions, False
-        while True:
+        # Deletions alone: wait (woken by each item) for an append to ride with.
+        while not isinstance(item, tuple):
+            if item is None:
+                return batch, deletions, True
+            deletions.extend(item)
+            if deadline is None:
+                deadline = time.monotonic() + DELETE_LINGER_S
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return batch, deletions, False
+        batch.append(item)
+        due = item[3] + self.linger_s
+        linger_s = min(due, deadline or due) - time.monotonic()
+        if linger_s > 0:
+            time.sleep(linger_s)
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
             if item is None:
                 return batch, deletions, True
             if isinstance(item, list):
                 deletions.extend(item)
-                if deadline is None:
-                    deadline = time.monotonic() + DELETE_LINGER_S
             else:
-                if not batch:
-                    due = item[3] + self.linger_s
-                    deadline = due if deadline is None else min(deadline, due)
                 batch.append(item)
-                if len(batch) >= self.max_batch:
-                    return batch, deletions, False
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                assert deadline is not None
-                wait_s = deadline - time.monotonic()
-                if wait_s <= 0:
-                    return batch, deletions, False
-                try:
-                    item = self._queue.get(timeout=wait_s)
-                except queue.Empty:
-                    return batch, deletions, False
+        return batch, deletions, False
 
     def _commit(
         self,

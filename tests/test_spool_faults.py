@@ -157,7 +157,7 @@ async def test_if_the_writer_thread_dies_the_loop_is_told(tmp_path: Path) -> Non
     spool = Spool(tmp_path / "spool.sqlite", 1 << 30)
     spool.open()
     try:
-        spool._queue.put("not a queue item")  # type: ignore[arg-type]
+        spool._queue.put(("not a queue item",))  # type: ignore[arg-type]
         assert spool.writer_failed is not None
         why = await asyncio.wait_for(spool.writer_failed, 10)
         assert "spool writer thread died" in why
