@@ -372,7 +372,7 @@ class Service:
         if self._liveness is not None:
             await self._liveness.save()
         if self._downlink is not None:
-            await self._downlink.save()
+            await self._downlink.close()
         self._publisher_stop.set()
         if self._publisher_task is not None:
             try:

@@ -58,21 +58,25 @@ class Broker:
     port: int
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
+    conf_extra: str = ""  # more mosquitto.conf lines, e.g. "log_type all\n"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
 
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 1000000\nmax_inflight_messages 0\n"
+            "max_queued_messages 1000000\nmax_inflight_messages 0\n" + self.conf_extra
         )
-        self.proc = popen_logged([mosquitto_binary(), "-c", str(conf)],
-                                 self.workdir / "mosquitto.log")
+        self.proc = popen_logged([mosquitto_binary(), "-c", str(conf)], self.log_path)
         wait_for(self._accepting, what=f"mosquitto on port {self.port}")
 
     def _accepting(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            pytest.fail(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()}")
+            pytest.fail(f"mosquitto exited: {self.log_path.read_text()}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
             return True
         return False

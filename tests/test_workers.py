@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -139,7 +140,13 @@ def test_a_command_reaches_a_device_owned_by_the_other_worker(
 
     assert carrying.code == aiocoap.CHANGED
     assert json.loads(carrying.payload) == {"id": "c1", "set": {"x": 1}, "pending": 0}
-    assert gw.workdir.joinpath("downlink.w1.sqlite").exists()
+    assert command_rows(gw, "downlink.w1.sqlite") == [(device, "c1")]  # stored by its owner
+    assert command_rows(gw, "downlink.w0.sqlite") == []
+
+
+def command_rows(gw: Gateway, name: str) -> list[tuple[str, str]]:
+    with contextlib.closing(sqlite3.connect(gw.workdir / name)) as db:
+        return db.execute("SELECT device_id, command_id FROM commands").fetchall()
 
 
 def test_sigterm_stops_every_worker_and_exits_0(gateway_factory: Callable[..., Gateway]) -> None:
