@@ -227,6 +227,15 @@ class Pipeline:
         self._in_flight += 1  # from here on, nothing can raise before on_durable is queued
 
         def on_durable(ok: bool) -> None:
+            if ok and report.ack is not None:
+                # The 2.04 waits until the confirmation is durable too: a device that got
+                # it never sees the confirmed command ride again after a crash.
+                self._downlink.confirm(device.device_id, device.device_type, report.ack,
+                                       lambda: answer(True))
+            else:
+                answer(ok)
+
+        def answer(ok: bool) -> None:
             self._in_flight -= 1
             waiters: list[Reply] = []
             if seq is not None:
@@ -237,8 +246,6 @@ class Pipeline:
                 self._liveness.seen(device, uplink.received_at)
                 self._metrics.uplinks_accepted.inc()
                 self._metrics.uplink_ack_seconds.observe(time.monotonic() - uplink.received_mono)
-                if report.ack is not None:
-                    self._downlink.confirm(device.device_id, device.device_type, report.ack)
                 verdict = self._accepted(device, uplink)
             else:
                 self._metrics.uplinks_rejected.labels("spool_error").inc()

@@ -115,9 +115,6 @@ def waiting_command_rows(gateway: Gateway) -> int:
     return int(rows)
 
 
-# Strict: it fails (XPASS) once the pipeline waits for confirm(); remove the mark with that change.
-@pytest.mark.xfail(strict=True, reason="needs issue 13's pipeline change: the 2.04 of a "
-                   "confirming uplink waits for Downlink.confirm(..., then)")
 def test_a_confirmation_answered_2_04_survives_kill_9_and_is_published(
     gateway: Gateway, broker: Broker, subscribe: Callable[[str], Subscription]
 ) -> None:
