@@ -3,16 +3,22 @@ and across a gateway restart (end to end)."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 import aiocoap
+import pytest
 
 from gateway.replay import ReplayWindow, Seen
 from tests.coap_raw import RawCoap, uplink_request
-from tests.conftest import DEVICES, Gateway, Subscription
+from tests.conftest import DEVICES, Gateway, Subscription, wait_for
 from tests.test_dedup import send_barrier, seqs_published_through
 
 TH = DEVICES[0]
+T0 = 1_763_900_000
 
 
 def test_seqs_above_or_inside_the_window_are_new_once_and_duplicates_after() -> None:
@@ -136,3 +142,50 @@ def test_stale_seq_is_refused_and_a_restarted_counter_with_newer_time_is_accepte
     assert replay.payload.startswith(b"seq 3 is far below 1000")
     assert gateway.metric("nbiot_gateway_uplinks_rejected_total", {"reason": "stale_seq"}) == 1
     assert [m["seq"] for m in sub.wait_count(2)] == [1000, 1]
+
+
+def reading(seq: int) -> dict[str, Any]:
+    """Uplink `seq` of TH, with the device time it was first sent with (as a retry has)."""
+    return {"seq": seq, "ts": T0 + seq, "temperature": 20.0}
+
+
+def spool_file(gateway: Gateway, query: str, *params: object) -> list[tuple[Any, ...]]:
+    """Rows of the gateway's spool file as committed (a WAL reader: the gateway may run)."""
+    with contextlib.closing(sqlite3.connect(gateway.workdir / "spool.sqlite")) as db:
+        return db.execute(query, params).fetchall()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_a_full_window_holds_across_a_restart(
+    gateway: Gateway, subscribe: Callable[[str], Subscription], stop: signal.Signals
+) -> None:
+    """70 consecutive seqs: every bit of the window is set, bit 63 (seq 7) included, which
+    the spool must store as a signed 64-bit integer and read back."""
+    sub = subscribe("nbiot/#")
+    hwm = 70
+    with RawCoap(gateway.coap_port) as device:
+        acked = [device.exchange(uplink_request(gateway.uri(TH), reading(seq))).code
+                 for seq in range(1, hwm + 1)]
+    assert acked == [aiocoap.CHANGED] * hwm
+    # Published and deleted from the file: after kill -9 nothing may legitimately be re-sent.
+    sub.wait_count(hwm)
+    wait_for(lambda: spool_file(gateway, "SELECT count(*) FROM records") == [(0,)],
+             what="the published records deleted from the spool file")
+    rc = gateway.stop(stop)
+    [(saved_hwm, saved_bitmap)] = spool_file(
+        gateway, "SELECT hwm, bitmap FROM device_seqs WHERE device_id = ?", TH.device_id)
+    assert (saved_hwm, saved_bitmap % 2**64 >> 63) == (hwm, 1), "bit 63 of the window is set"
+
+    gateway.start()
+    with RawCoap(gateway.coap_port) as device:
+        oldest_in_window = device.exchange(uplink_request(gateway.uri(TH), reading(hwm - 63)))
+        newest = device.exchange(uplink_request(gateway.uri(TH), reading(hwm)))
+        below_window = device.exchange(uplink_request(gateway.uri(TH), reading(hwm - 64)))
+    send_barrier(gateway, seq=hwm + 1)
+
+    assert rc == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+    assert (oldest_in_window.code, newest.code) == (aiocoap.CHANGED, aiocoap.CHANGED)
+    assert below_window.code == aiocoap.BAD_REQUEST
+    assert below_window.payload.startswith(b"seq 6 is far below 70")
+    assert seqs_published_through(sub, barrier_seq=hwm + 1) == list(range(1, hwm + 2))
+    assert gateway.metric("nbiot_gateway_uplinks_duplicate_total") == 2
