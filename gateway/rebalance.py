@@ -53,6 +53,7 @@ from pathlib import Path
 from gateway.downlink import DownlinkStore
 from gateway.liveness import LivenessStore
 from gateway.spool import FORMAT_VERSION as SPOOL_FORMAT
+from gateway.spool import PAGE_SIZE_BYTES as SPOOL_PAGE_SIZE
 from gateway.spool import SCHEMA as SPOOL_SCHEMA
 from gateway.spool import fold_seq_log
 from gateway.workers import StateFiles, owner, state_files
@@ -373,6 +374,7 @@ def _record_owner(topic: object, workers: int) -> int:
 
 def _create_spool(path: Path) -> None:
     with closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA page_size={SPOOL_PAGE_SIZE}")
         db.executescript(SPOOL_SCHEMA)
         db.execute(f"PRAGMA user_version={SPOOL_FORMAT}")
 

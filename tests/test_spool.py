@@ -7,9 +7,18 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from gateway.model import Record
 from gateway.replay import Seen
-from gateway.spool import MAX_ROWS_PER_STATEMENT, Spool, _id_ranges
+from gateway.spool import (
+    FORMAT_VERSION,
+    MAX_ROWS_PER_STATEMENT,
+    PAGE_SIZE_BYTES,
+    Spool,
+    SpoolError,
+    _id_ranges,
+)
 
 COUNT = 2 * MAX_ROWS_PER_STATEMENT + 277  # several chunks and a remainder of odd size
 
@@ -94,3 +103,53 @@ async def test_a_failed_commit_answers_false_and_keeps_nothing(tmp_path: Path) -
         assert outcomes == [False] * 600
         assert spool.records == 0
     assert stored(path) == []
+
+
+FORMAT_1 = """
+CREATE TABLE records (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                      payload BLOB NOT NULL, retain INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE device_seqs (device_id TEXT PRIMARY KEY, hwm INTEGER NOT NULL,
+                          bitmap INTEGER NOT NULL, last_ts REAL) WITHOUT ROWID;
+"""
+
+
+async def test_a_spool_of_the_previous_release_is_upgraded_with_its_records_and_windows(
+    tmp_path: Path
+) -> None:
+    """Format 1 (AUTOINCREMENT, 4 KiB pages, as the release before wrote it): its records
+    keep their ids and order, its replay windows hold, and it is rebuilt as format 2."""
+    path = tmp_path / "spool.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(FORMAT_1)
+        db.executemany("INSERT INTO records (topic, payload, retain) VALUES (?, ?, ?)",
+                       [(f"t/{i}", b"%d" % i, i % 2) for i in range(10)])
+        db.execute("DELETE FROM records WHERE id <= 3")  # published already
+        db.execute("INSERT INTO device_seqs VALUES ('d', 70, -1, 5.0)")  # all 64 bits set
+    db.close()
+
+    async with Spool(path, 1 << 30) as spool:
+        assert spool.seq_states == {"d": (70, 2**64 - 1, 5.0)}
+        read = await spool.read_after(0, 100)
+        assert await append_all(spool, [Record("t/new", b"new")]) == [True]
+    assert [(r.spool_id, r.topic, r.retain) for r in read] == [
+        (i + 1, f"t/{i}", bool(i % 2)) for i in range(3, 10)]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (FORMAT_VERSION,)
+        assert db.execute("PRAGMA page_size").fetchone() == (PAGE_SIZE_BYTES,)
+        assert stored(path)[-1][:2] == (11, "t/new")  # numbered on after the old ids
+        (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'records'").fetchone()
+    db.close()
+    assert "AUTOINCREMENT" not in sql
+
+
+async def test_a_spool_of_a_newer_format_is_refused_not_misread(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite"
+    async with Spool(path, 1 << 30):
+        pass
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version={FORMAT_VERSION + 1}")
+    db.close()
+
+    spool = Spool(path, 1 << 30)
+    with pytest.raises(SpoolError, match="written by a newer nbiot-gateway"):
+        spool.open()
