@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--loadgen-procs", type=int, default=1,
                        help="fleet: load generator processes sharing the schedule "
                             "(default: %(default)s)")
+    _soak_args(sub.add_parser(
+        "soak", help="hours at the plant's shape, sampling the gateway's RSS, CPU, open files, "
+                     "spool depth and disk writes, with a trend verdict for each",
+        description="A broker, the gateway and an open-loop fleet (a fresh UDP socket per "
+                    "uplink) for --duration; a line per sample, then the least-squares trend "
+                    "of each figure after the warm-up. Exit 1 if anything acked was lost."))
     return parser
 
 
@@ -75,6 +81,21 @@ def _rates(text: str) -> list[float]:
     if not rates or min(rates) <= 0:
         raise argparse.ArgumentTypeError("rates must be positive")
     return rates
+
+
+def _soak_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=7200.0, dest="duration_s",
+                   help="seconds of load (default: %(default)g)")
+    p.add_argument("--devices", type=int, default=40000)
+    p.add_argument("--interval", type=float, default=60.0, dest="interval_s",
+                   help="each device's report interval, seconds (default: %(default)g)")
+    p.add_argument("--sample-every", type=float, default=60.0, dest="sample_s",
+                   help="seconds between samples (default: %(default)g)")
+    p.add_argument("--warmup", type=float, default=600.0, dest="warmup_s",
+                   help="seconds left out of the trends (default: %(default)g; at most a "
+                        "third of the run)")
+    p.add_argument("--loadgen-procs", type=int, default=1)
+    p.add_argument("--json", type=Path, dest="json_path", help="also write results as JSON")
 
 
 def _sim_args(p: argparse.ArgumentParser) -> None:
@@ -243,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
                         json_path=args.json_path)
     if args.command == "bench":
         return cmd_bench(args)
+    if args.command == "soak":
+        from gateway.bench.soak import run_soak
+
+        return run_soak(devices=args.devices, interval_s=args.interval_s,
+                        duration_s=args.duration_s, sample_s=args.sample_s,
+                        warmup_s=args.warmup_s, json_out=args.json_path,
+                        loadgen_procs=args.loadgen_procs)
     raise AssertionError(args.command)
 
 
