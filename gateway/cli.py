@@ -86,7 +86,8 @@ def _rates(text: str) -> list[float]:
 def _soak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=7200.0, dest="duration_s",
                    help="seconds of load (default: %(default)g)")
-    p.add_argument("--devices", type=int, default=40000)
+    p.add_argument("--devices", type=int, default=40000,
+                   help="devices, each reporting once per --interval (default: %(default)s)")
     p.add_argument("--interval", type=float, default=60.0, dest="interval_s",
                    help="each device's report interval, seconds (default: %(default)g)")
     p.add_argument("--sample-every", type=float, default=60.0, dest="sample_s",
@@ -94,7 +95,8 @@ def _soak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=600.0, dest="warmup_s",
                    help="seconds left out of the trends (default: %(default)g; at most a "
                         "third of the run)")
-    p.add_argument("--loadgen-procs", type=int, default=1)
+    p.add_argument("--loadgen-procs", type=int, default=1,
+                   help="load generator processes sharing the schedule (default: %(default)s)")
     p.add_argument("--json", type=Path, dest="json_path", help="also write results as JSON")
 
 

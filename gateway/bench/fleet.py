@@ -374,7 +374,8 @@ def run_fleet_bench(devices: int = DEFAULT_DEVICES, rates: Sequence[float] = DEF
           f"UDP socket per uplink, {duration_s:g} s per rate; then saturation (closed loop, "
           f"{endpoints:,} fixed endpoints); one gateway and broker throughout")
     print(f"machine: {machine()}")
-    print(f"spool on {filesystem}")
+    print(f"spool on {filesystem}; load generator: {loadgen_procs} process(es), epoll, "
+          f"RFC 7252 CON retransmission")
     print(f"warm-up (every device once, not measured): {warmup.load.sent:,} sent, "
           f"{warmup.load.acked:,} acked, lost {warmup.delivery.lost}\n")
     print_tables(results)

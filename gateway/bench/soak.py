@@ -82,6 +82,7 @@ class Figure:
     rel_tolerance: float = 0.0
     per_hour_tolerance: float = 0.0
     target: str | None = None
+    scale: float = 1.0  # the sample's field times this is in `unit`
 
 
 @dataclass
@@ -108,7 +109,7 @@ def figures(rate_per_s: float) -> list[Figure]:
         Figure("spool depth", "spool_records", "records", abs_tolerance=spool_tolerance,
                target="flat"),
         Figure("CPU", "cpu_pct", "% of a core", abs_tolerance=0.5, rel_tolerance=0.10),
-        Figure("disk writes", "write_bytes_per_s", "B/s", rel_tolerance=0.10),
+        Figure("disk writes", "write_bytes_per_s", "MB/s", rel_tolerance=0.10, scale=1e-6),
     ]
 
 
@@ -127,7 +128,7 @@ def trend(figure: Figure, samples: Sequence[Sample], warmup_s: float) -> Trend:
         return Trend(figure.name, figure.unit, len(measured), 0.0, 0.0, 0.0, 0.0,
                      "too few samples", figure.target, None)
     xs = [s.t_s for s in measured]
-    ys = [float(getattr(s, figure.field)) for s in measured]
+    ys = [float(getattr(s, figure.field)) * figure.scale for s in measured]
     slope_per_s, mean = least_squares(xs, ys)
     window_s = xs[-1] - xs[0]
     change = slope_per_s * window_s
@@ -146,8 +147,8 @@ def print_trend(t: Trend) -> None:
         return
     target = "" if t.target is None else (
         f"   target {t.target}: {'met' if t.met else 'NOT MET'}")
-    print(f"{t.figure:<12} {t.verdict:<9} {t.slope_per_h:+14,.1f} {t.unit}/h "
-          f"(mean {t.mean:,.1f} {t.unit}, {t.samples} samples over {t.window_s:,.0f} s)"
+    print(f"{t.figure:<12} {t.verdict:<9} {t.slope_per_h:+10,.2f} {t.unit}/h "
+          f"(mean {t.mean:,.2f} {t.unit}, {t.samples} samples over {t.window_s:,.0f} s)"
           f"{target}")
 
 
