@@ -42,14 +42,62 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure the gateway against aiocoap and libcoap, side by side",
         description="One load generator (raw CoAP CON POSTs from N UDP endpoints, closed loop) "
                     "against: the gateway end to end, a bare aiocoap server, libcoap's "
-                    "coap-server-notls, the gateway with its broker down.")
-    bench.add_argument("--devices", type=int, default=2000)
-    bench.add_argument("--duration", type=float, default=10.0, help="seconds per target")
+                    "coap-server-notls, the gateway with its broker down. With --profile "
+                    "fleet: the gateway alone at the plant's shape (many devices, a fresh UDP "
+                    "socket per uplink, open loop at fixed rates), then saturated.")
+    bench.add_argument("--profile", choices=["default", "fleet"], default="default",
+                       help="default: the side-by-side comparison above; fleet: 40,000 sleeping "
+                            "devices, a fresh UDP socket per uplink, open loop at --rates, then "
+                            "saturation, with the gateway's CPU, disk bytes, fsyncs and ack "
+                            "latency per rate (docs/benchmarks.md)")
+    bench.add_argument("--devices", type=int,
+                       help="devices (default: 2,000; fleet: 40,000)")
+    bench.add_argument("--duration", type=float,
+                       help="seconds per target (default: 10; fleet: 45 per rate)")
     bench.add_argument("--json", type=Path, dest="json_path", help="also write results as JSON")
     bench.add_argument("--workers", type=int, default=2,
                        help="also run the gateway with this many worker processes, for the "
-                            "scaling from one (1: skip; default: %(default)s)")
+                            "scaling from one (1: skip; default: %(default)s; not with fleet)")
+    bench.add_argument("--rates", type=_rates, default=None,
+                       help="fleet: uplinks/s of the paced runs, comma separated "
+                            "(default: 667,4000)")
+    bench.add_argument("--loadgen-procs", type=int, default=1,
+                       help="fleet: load generator processes sharing the schedule "
+                            "(default: %(default)s)")
+    _soak_args(sub.add_parser(
+        "soak", help="hours at the plant's shape, sampling the gateway's RSS, CPU, open files, "
+                     "spool depth and disk writes, with a trend verdict for each",
+        description="A broker, the gateway and an open-loop fleet (a fresh UDP socket per "
+                    "uplink) for --duration; a line per sample, then the least-squares trend "
+                    "of each figure after the warm-up. Exit 1 if anything acked was lost."))
     return parser
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive")
+    return rates
+
+
+def _soak_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=7200.0, dest="duration_s",
+                   help="seconds of load (default: %(default)g)")
+    p.add_argument("--devices", type=int, default=40000,
+                   help="devices, each reporting once per --interval (default: %(default)s)")
+    p.add_argument("--interval", type=float, default=60.0, dest="interval_s",
+                   help="each device's report interval, seconds (default: %(default)g)")
+    p.add_argument("--sample-every", type=float, default=60.0, dest="sample_s",
+                   help="seconds between samples (default: %(default)g)")
+    p.add_argument("--warmup", type=float, default=600.0, dest="warmup_s",
+                   help="seconds left out of the trends (default: %(default)g; at most a "
+                        "third of the run)")
+    p.add_argument("--loadgen-procs", type=int, default=1,
+                   help="load generator processes sharing the schedule (default: %(default)s)")
+    p.add_argument("--json", type=Path, dest="json_path", help="also write results as JSON")
 
 
 def _sim_args(p: argparse.ArgumentParser) -> None:
@@ -217,10 +265,29 @@ def main(argv: list[str] | None = None) -> int:
                         interval_s=args.interval_s, profile=args.profile, seed=args.seed,
                         json_path=args.json_path)
     if args.command == "bench":
-        from gateway.bench.runner import run_bench
+        return cmd_bench(args)
+    if args.command == "soak":
+        from gateway.bench.soak import run_soak
 
-        return run_bench(args.devices, args.duration, args.json_path, args.workers)
+        return run_soak(devices=args.devices, interval_s=args.interval_s,
+                        duration_s=args.duration_s, sample_s=args.sample_s,
+                        warmup_s=args.warmup_s, json_out=args.json_path,
+                        loadgen_procs=args.loadgen_procs)
     raise AssertionError(args.command)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.profile == "fleet":
+        from gateway.bench import fleet
+
+        return fleet.run_fleet_bench(
+            devices=args.devices or fleet.DEFAULT_DEVICES,
+            rates=args.rates or fleet.DEFAULT_RATES,
+            duration_s=args.duration or fleet.DEFAULT_DURATION_S,
+            json_out=args.json_path, loadgen_procs=args.loadgen_procs)
+    from gateway.bench.runner import run_bench
+
+    return run_bench(args.devices or 2000, args.duration or 10.0, args.json_path, args.workers)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

@@ -62,10 +62,11 @@ class Result:
 
 
 def loadgen(port: int, devices: int, duration_s: float, method: str = "POST",
-            rate: float | None = None, first_device: int = 0) -> dict[str, Any]:
+            rate: float | None = None, first_device: int = 0, seq_base: int = 0
+            ) -> dict[str, Any]:
     args = [sys.executable, "-m", "gateway.bench.loadgen", "--port", str(port),
             "--devices", str(devices), "--duration", str(duration_s), "--method", method,
-            "--first-device", str(first_device)]
+            "--first-device", str(first_device), "--seq-base", str(seq_base)]
     if rate:
         args += ["--rate", str(rate)]
     done = subprocess.run(args, capture_output=True, check=True, timeout=duration_s + 120)
