@@ -129,7 +129,7 @@ class SpoolSection(Section):
     # An uplink may wait this long for others to share its commit (fsync): at moderate
     # load this turns one commit per uplink into one per ~linger, cutting disk writes and
     # CPU per uplink (docs/decisions.md). A device on NB-IoT waits 0.4-5 s for its reply.
-    commit_linger_ms: Annotated[float, Field(ge=0, le=1000)] = 20.0
+    commit_linger_ms: Annotated[float, Field(ge=0, le=1000)] = 30.0
 
 
 class MetricsSection(Section):
@@ -222,6 +222,10 @@ class LivenessSection(Section):
     # A device is offline after this many report intervals without an uplink.
     offline_after_intervals: Annotated[float, Field(ge=1)] = 3.0
     check_interval_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    # The last-seen table is written this often (and at a clean stop): after a crash the
+    # restarted gateway knows each device as last seen up to this long before. Each save
+    # rewrites most of the table's pages, so a short interval costs disk writes.
+    save_interval_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     # The last-seen table; default: liveness.sqlite beside the spool.
     path: Path | None = None
 
