@@ -39,7 +39,10 @@ WORKERS_UP_HELP = (
     "Worker processes whose metrics this scrape includes. Below nbiot_gateway_workers, a "
     "worker is not answering: the devices it owns get no reply, and the other series hold "
     "that worker's last known figures. See the journal of the service.")
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# 10-50 ms in finer steps: the spool's commit linger (30 ms) puts acks at moderate load
+# there, and the 50 ms ack target must be readable, not interpolated across 25-50 ms.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+                     0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class DiskWrites(Collector):

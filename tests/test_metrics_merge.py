@@ -166,8 +166,9 @@ def test_histograms_buckets_sum_and_count(inputs: list[bytes]) -> None:
     merged = samples(merge(inputs, 3))
     name = f"{NS}_uplink_ack_seconds"
     buckets = {dict(k[1])["le"]: v for k, v in merged.items() if k[0] == f"{name}_bucket"}
-    assert buckets == {"0.001": 1, "0.0025": 1, "0.005": 2, "0.01": 2, "0.025": 3, "0.05": 3,
-                       "0.1": 3, "0.25": 4, "0.5": 4, "1.0": 4, "2.5": 4, "5.0": 4, "+Inf": 5}
+    assert buckets == {"0.001": 1, "0.0025": 1, "0.005": 2, "0.01": 2, "0.015": 2, "0.02": 3,
+                       "0.025": 3, "0.03": 3, "0.04": 3, "0.05": 3, "0.075": 3, "0.1": 3,
+                       "0.25": 4, "0.5": 4, "1.0": 4, "2.5": 4, "5.0": 4, "+Inf": 5}
     ordered = sorted(buckets.items(), key=lambda kv: float(kv[0]))
     assert [v for _, v in ordered] == sorted(buckets.values())  # still cumulative
     assert merged[(f"{name}_count", ())] == 5
