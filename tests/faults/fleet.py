@@ -141,6 +141,11 @@ class Ledger:
     def unanswered(self) -> list[tuple[str, int]]:
         return [key for key, got in self._items() if any(a is None for a in got)]
 
+    def gave_up(self) -> Counter[str]:
+        """How often each device had no answer in time, by device."""
+        return Counter(device_id for (device_id, _), got in self._items()
+                       for answer in got if answer is None)
+
     def broken_promises(self) -> list[str]:
         return [f"{d} seq {s}: {a}" for (d, s), got in self._items()
                 for a in got if a is not None and not a.kept_promise()]
