@@ -44,11 +44,11 @@ class Answer:
 
     @property
     def acked(self) -> bool:
-        return self.code == aiocoap.CHANGED
+        return bool(self.code == aiocoap.CHANGED)
 
     @property
     def retry_later(self) -> bool:
-        return self.code == aiocoap.SERVICE_UNAVAILABLE
+        return bool(self.code == aiocoap.SERVICE_UNAVAILABLE)
 
     def kept_promise(self) -> bool:
         """2.xx, 4.xx, or 5.03 with Max-Age: the only answers a device may get."""
