@@ -36,9 +36,12 @@ def run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, timeout=60)
 
 
-def require(path_or_tool: str) -> None:
+def require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("the fault suite needs root (mount, losetup, fsfreeze)")
+        pytest.skip("a disk of its own needs root (mount, a loop device, fsfreeze)")
+
+
+def require(path_or_tool: str) -> None:
     if not (shutil.which(path_or_tool) or Path(path_or_tool).exists()):
         pytest.fail(f"{path_or_tool} is missing: run ./scripts/test, which installs it")
 
@@ -54,7 +57,7 @@ class Disks:
 
     def tmpfs(self, size_bytes: int) -> Path:
         """A tmpfs of `size_bytes`: a disk that fills up quickly."""
-        require("mount")
+        require_root()
         path = self._mountpoint("tmpfs")
         run("mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0700", "nbiot-faults", str(path))
         self._mounted.append(path)
@@ -63,6 +66,7 @@ class Disks:
     def ext4(self, size_bytes: int = 32 << 20) -> Path:
         """An ext4 filesystem in an image file on a loop device: unlike tmpfs it can be
         frozen (fsfreeze), which stalls every write and fsync until it is thawed."""
+        require_root()
         require("fsfreeze")
         require("mkfs.ext4")
         image = self._root / f"ext4-{len(self._mounted)}.img"
@@ -131,8 +135,8 @@ def disks(tmp_path: Path) -> Iterator[Disks]:
 # -- the gateway under a fault tool -------------------------------------------------------
 @dataclass
 class FaultGateway(Gateway):
-    """The real gateway (a subprocess), started behind `wrapper` (e.g. fiu-run) with
-    `preload`/`env_extra` in its environment, its spool wherever the test put it."""
+    """The real gateway (a subprocess), started behind `wrapper` (fiu-run) with
+    `env_extra` (libfaketime's) in its environment, its spool wherever the test put it."""
 
     wrapper: list[str] = field(default_factory=list)
 
