@@ -41,7 +41,7 @@ def test_failing_disk_call_answers_5_03_and_recovers_when_it_works_again(
     assert not ledger.unanswered()
     assert SPOOL_ERROR in ledger.refusals() <= {SPOOL_ERROR, OVERLOADED}
     assert ledger.max_ages() == {MAX_AGE_S}
-    assert f"failed: {sqlite_error}; their devices were answered 5.03" in gw.log()
+    assert f"failed: {sqlite_error}; the devices were answered 5.03" in gw.log()
     wait_for(lambda: not missing(ledger.acked(), sub), what="every acked uplink on MQTT")
 
 

@@ -79,7 +79,7 @@ def test_full_disk_answers_5_03_with_max_age_and_recovers_once_freed(
     assert not ledger.unanswered()
     assert SPOOL_ERROR in ledger.refusals() <= {SPOOL_ERROR, OVERLOADED}
     assert ledger.max_ages() == {MAX_AGE_S}
-    assert "database or disk is full; their devices were answered 5.03" in gw.log()
+    assert "database or disk is full; the devices were answered 5.03" in gw.log()
     wait_for(lambda: not missing(ledger.acked(), sub), what="every acked uplink on MQTT")
 
 
