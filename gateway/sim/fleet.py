@@ -88,8 +88,11 @@ def build_devices(
     rng: random.Random,
     *,
     now_s: float,
+    first_index: int = 0,
 ) -> list[SimDevice]:
-    """The simulated fleet: one SimDevice per registry row, a share of them faulty."""
+    """The simulated fleet: one SimDevice per registry row, a share of them faulty.
+    `first_index` is the fleet-wide index of the first row (a process's share of a fleet
+    split by index): it picks each device's own source address."""
     share = sim.faulty_share if sim.faulty_share is not None else FAULTY_SHARE[sim.profile]
     n = len(registry_devices)
     faulty_idx = set(rng.sample(range(n), round(n * share)))
@@ -119,7 +122,7 @@ def build_devices(
             fault=fault,
             sensor=Sensor(dev.device_type, spec, rng, now_s),
             units=units[dev.device_type],
-            source_ip=source_address(sim.host, i, sim.source_addresses),
+            source_ip=source_address(sim.host, first_index + i, sim.source_addresses),
             seq=first_seq,
             mid=rng.getrandbits(16),
         ))
@@ -243,7 +246,8 @@ class Fleet:
         self.exchanges.add(exchange)
         if not report.announced:
             report.announced = True
-            self.ledger.report_sent((device.device_id, report.seq), self.loop.time(), report.fault)
+            # CLOCK_MONOTONIC: the witness stamps arrivals with the same clock
+            self.ledger.report_sent((device.device_id, report.seq), time.monotonic(), report.fault)
         exchange.start()
 
     def _done(self, device: SimDevice, exchange: Exchange) -> None:

@@ -1,10 +1,20 @@
-"""The MQTT witness: subscribes to the gateway's uplink and dead-letter topics before the
-fleet starts, and books every message it sees in the Ledger.
+"""The delivery witness, a process of its own (`main()`, started by
+`gateway/sim/processes.py`): it subscribes to the gateway's uplink and dead-letter topics
+before the fleet starts, stamps the arrival of every uplink message and streams
+`(device_id, seq, arrival)` to the fleet process that sent it, which books it.
 
-It proves delivery from the consumer's side, so it must see everything: it subscribes
-with QoS 1 (a broker that caps per-client queues, like mosquitto's default
-max_queued_messages 1000, can still drop for a slow subscriber: configure it unlimited).
-It never publishes anything.
+Why a process: on the fleet's busy event loop the witness read the broker late, and the
+fleet's own backlog showed up as delivery latency (29 s p50 while the gateway's spool held
+~50 records; docs/decisions.md). Here it does nothing but read: our lean MQTT client
+(gateway/mqtt.py), one JSON parse per message, QoS 1 like a real consumer (a broker that
+caps per-client queues, like mosquitto's default max_queued_messages 1000, can still drop
+for a slow subscriber: configure it unlimited). It never publishes anything.
+
+Clock: arrivals are CLOCK_MONOTONIC (`time.monotonic()`), which Linux keeps system-wide,
+so they compare directly with the fleet processes' send times on the same host.
+
+On the feeds, one batch of messages read together is a line `@{arrival}` followed by a
+line `{device_id} {seq}` per uplink (ASCII; device ids hold no spaces).
 """
 
 from __future__ import annotations
@@ -13,95 +23,196 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import ssl
-from types import TracebackType
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
 
-import aiomqtt
+import uvloop
 
 from gateway.config import MqttSection
-from gateway.sim.ledger import Ledger
+from gateway.mqtt import Incoming, MqttClient, MqttError
+from gateway.sim.channel import Parent
+from gateway.sim.lag import LagMonitor
+
+FLUSH_EVERY_S = 0.02  # feeds are written in batches: a write per batch, not per message
 
 
-class WitnessError(Exception):
-    """The witness lost (or never had) its broker connection: the run proves nothing."""
+@dataclass(frozen=True)
+class WitnessSpec:
+    mqtt: MqttSection
+    uplink_filter: str
+    invalid_topic: str
+    feed_fds: tuple[int, ...]  # write ends of the pipes to the fleet processes, in order
+
+
+@dataclass
+class WitnessStats:
+    messages: int = 0
+    uplinks: int = 0
+    unparsable: int = 0  # not JSON, or an uplink without device_id and integer seq
+    dead_letters_by_reason: Counter[str] = field(default_factory=Counter)
+    lag_ms: array[float] = field(default_factory=lambda: array("d"))
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+class Feeds:
+    """The pipes to the fleet processes, written in batches through asyncio transports
+    (buffered: a slow reader never blocks the witness)."""
+
+    def __init__(self, transports: list[asyncio.WriteTransport]) -> None:
+        self._transports = transports
+        self._pending: list[list[str]] = [[] for _ in transports]
+        self._scheduled = False
+
+    @classmethod
+    async def open(cls, fds: tuple[int, ...]) -> Feeds:
+        loop = asyncio.get_running_loop()
+        transports = []
+        for fd in fds:
+            transport, _ = await loop.connect_write_pipe(asyncio.BaseProtocol,
+                                                         os.fdopen(fd, "wb", buffering=0))
+            transports.append(transport)
+        return cls(transports)
+
+    def __len__(self) -> int:
+        return len(self._transports)
+
+    def add(self, index: int, lines: list[str]) -> None:
+        self._pending[index] += lines
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(FLUSH_EVERY_S, self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        for transport, lines in zip(self._transports, self._pending, strict=True):
+            if lines and not transport.is_closing():
+                transport.write("".join(lines).encode())
+            lines.clear()
+
+    def close(self) -> None:
+        self.flush()
+        for transport in self._transports:
+            transport.close()
 
 
 class Witness:
-    """`async with Witness(...) as w:` is subscribed; `w.failed` ends when the link breaks."""
+    def __init__(self, spec: WitnessSpec, client: MqttClient, feeds: Feeds) -> None:
+        self.spec = spec
+        self.client = client
+        self.feeds = feeds
+        self.stats = WitnessStats()
+        self.route: dict[str, int] = {}
+        self.cpu_at_start = 0.0
 
-    def __init__(self, mqtt: MqttSection, tenant: str, ledger: Ledger) -> None:
-        self._mqtt = mqtt
-        self._ledger = ledger
-        prefix = mqtt.topic_prefix
-        self.uplink_filter = f"{prefix}/{tenant}/+/+/up"
-        self.invalid_topic = f"{prefix}/{tenant}/invalid"
-        self.messages = 0
-        tls_context = None
-        if mqtt.tls:
-            tls_context = ssl.create_default_context(
-                cafile=str(mqtt.tls_ca_file) if mqtt.tls_ca_file else None)
-        self._client = aiomqtt.Client(
-            mqtt.host, mqtt.port,
-            username=mqtt.username,
-            password=mqtt.password.get_secret_value() if mqtt.password else None,
-            identifier=f"nbiot-sim-witness-{os.getpid()}-{os.urandom(3).hex()}",
-            clean_session=True,
-            keepalive=mqtt.keepalive_s,
-            timeout=10,
-            tls_context=tls_context,
-        )
-        self._task: asyncio.Task[None] | None = None
+    async def consume(self) -> None:
+        """Read, stamp, acknowledge and forward until cancelled."""
+        queue = self.client.messages
+        while True:
+            batch = [await queue.get()]
+            arrival = time.monotonic()
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            self._book(batch, f"@{arrival!r}\n")
 
-    async def __aenter__(self) -> Witness:
-        try:
-            await self._client.__aenter__()
-            await self._client.subscribe(self.uplink_filter, qos=1)
-            await self._client.subscribe(self.invalid_topic, qos=1)
-        except aiomqtt.MqttError as e:
-            raise WitnessError(f"cannot subscribe at broker {self._mqtt.host}:{self._mqtt.port}: "
-                               f"{e}") from None
-        self._task = asyncio.create_task(self._consume(), name="sim-witness")
-        return self
+    def _book(self, batch: list[Incoming], stamp_line: str) -> None:
+        stats, route, invalid = self.stats, self.route, self.spec.invalid_topic
+        single = len(self.feeds) == 1
+        per_feed: dict[int, list[str]] = {}
+        stats.messages += len(batch)
+        for message in batch:
+            self.client.ack(message)
+            try:
+                body = json.loads(message.payload)
+            except ValueError:
+                stats.unparsable += 1
+                continue
+            if not isinstance(body, dict):
+                stats.unparsable += 1
+                continue
+            if message.topic == invalid:
+                stats.dead_letters_by_reason[str(body.get("reason"))] += 1
+                continue
+            device_id, seq = body.get("device_id"), body.get("seq")
+            if not isinstance(device_id, str) or not isinstance(seq, int) or " " in device_id:
+                stats.unparsable += 1
+                continue
+            stats.uplinks += 1
+            index = 0 if single else route.get(device_id, 0)  # unknown: foreign, at feed 0
+            lines = per_feed.get(index)
+            if lines is None:
+                lines = per_feed[index] = [stamp_line]
+            lines.append(f"{device_id} {seq}\n")
+        for index, lines in per_feed.items():
+            self.feeds.add(index, lines)
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WitnessError):
-                await self._task
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.__aexit__(None, None, None)
 
-    @property
-    def failed(self) -> asyncio.Task[None]:
-        """A task that ends (with WitnessError) only if the broker connection breaks."""
-        assert self._task is not None
-        return self._task
+async def serve(parent: Parent) -> int:
+    """The witness's life: spec in, subscribe, route in, read until the parent closes."""
+    spec: WitnessSpec = await parent.receive()
+    mqtt = spec.mqtt
+    tls = None
+    if mqtt.tls:
+        tls = ssl.create_default_context(cafile=str(mqtt.tls_ca_file) if mqtt.tls_ca_file else None)
+    try:
+        client = await MqttClient.connect(
+            mqtt.host, mqtt.port, client_id=f"nbiot-sim-witness-{os.getpid()}-{os.urandom(3).hex()}",
+            keepalive_s=mqtt.keepalive_s, username=mqtt.username,
+            password=mqtt.password.get_secret_value() if mqtt.password else None, tls=tls)
+        await client.subscribe(spec.uplink_filter, qos=1)
+        await client.subscribe(spec.invalid_topic, qos=1)
+    except MqttError as e:
+        parent.send(("failed", f"cannot subscribe at broker {mqtt.host}:{mqtt.port}: {e}"))
+        return 1
+    feeds = await Feeds.open(spec.feed_fds)
+    witness = Witness(spec, client, feeds)
+    lag = LagMonitor()
+    lag.start()
+    parent.send(("subscribed", None))
+    consumer = asyncio.create_task(witness.consume(), name="sim-witness")
+    stopped = asyncio.ensure_future(_route_then_wait_for_eof(parent, witness))
+    try:
+        await asyncio.wait({stopped, client.closed}, return_when=asyncio.FIRST_COMPLETED)
+        if client.closed.done() and not stopped.done():
+            error = client.closed.exception()
+            parent.send(("failed", f"the witness lost its broker connection: {error}"))
+            return 1
+    finally:
+        lag.stop()
+        consumer.cancel()
+        stopped.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        feeds.close()
+        if not client.closed.done():
+            await client.disconnect()
+    stats = witness.stats
+    stats.lag_ms = lag.samples_ms
+    stats.cpu_s = time.process_time() - witness.cpu_at_start
+    stats.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    parent.send(("stats", stats))
+    return 0
 
-    async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
-        ledger = self._ledger
-        invalid = self.invalid_topic
-        try:
-            async for message in self._client.messages:
-                self.messages += 1
-                payload = message.payload
-                if not isinstance(payload, bytes | bytearray):
-                    continue
-                try:
-                    body = json.loads(payload)
-                except ValueError:
-                    continue
-                if not isinstance(body, dict):
-                    continue
-                if message.topic.value == invalid:
-                    ledger.dead_letter(str(body.get("reason")))
-                    continue
-                device_id, seq = body.get("device_id"), body.get("seq")
-                if isinstance(device_id, str) and isinstance(seq, int):
-                    ledger.report_delivered(device_id, seq, loop.time())
-        except aiomqtt.MqttError as e:
-            raise WitnessError(f"the witness lost its broker connection: {e}") from None
-        raise WitnessError("the witness's message stream ended")
+
+async def _route_then_wait_for_eof(parent: Parent, witness: Witness) -> None:
+    """The route (device ids by fleet process) arrives once the fleet is built; the end
+    of stdin means stop."""
+    with contextlib.suppress(EOFError):
+        ids_by_feed: list[list[str]] = await parent.receive()
+        witness.route = {device_id: i for i, ids in enumerate(ids_by_feed) for device_id in ids}
+        witness.cpu_at_start = time.process_time()  # the run's cost, not the imports'
+        parent.send(("routed", None))
+        while True:
+            await parent.receive()
+
+
+def main() -> int:
+    async def run() -> int:
+        return await serve(await Parent().open())
+
+    return uvloop.run(run())
+
