@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import resource
 import ssl
 import time
@@ -38,6 +39,8 @@ from gateway.sim.channel import Parent
 from gateway.sim.lag import LagMonitor
 
 FLUSH_EVERY_S = 0.02  # feeds are written in batches: a write per batch, not per message
+ACK_GROUP = 16  # PUBACKs sent together (Witness._acknowledge)
+ACK_DELAY_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class Witness:
         self.stats = WitnessStats()
         self.route: dict[str, int] = {}
         self.cpu_at_start = 0.0
+        self._unacked: list[Incoming] = []
+        self._ack_handle: asyncio.TimerHandle | None = None
 
     async def consume(self) -> None:
         """Read, stamp, acknowledge and forward until cancelled."""
@@ -118,6 +123,27 @@ class Witness:
             while not queue.empty():
                 batch.append(queue.get_nowait())
             self._book(batch, f"@{arrival!r}\n")
+            self._acknowledge(batch)
+
+    def _acknowledge(self, batch: list[Incoming]) -> None:
+        """PUBACK in groups: each TCP send to the broker cost ~18 µs, half the witness's
+        CPU per message at 2,000/s, when every message had its own. A group leaves once
+        ACK_GROUP messages wait, or ACK_DELAY_S after the first, so a broker that allows
+        fewer messages in flight per client than ACK_GROUP (mosquitto's default is 20;
+        the demo's, unlimited) waits at most ACK_DELAY_S for room."""
+        self._unacked += batch
+        if len(self._unacked) >= ACK_GROUP:
+            self.flush_acks()
+        elif self._ack_handle is None:
+            self._ack_handle = asyncio.get_running_loop().call_later(ACK_DELAY_S, self.flush_acks)
+
+    def flush_acks(self) -> None:
+        if self._ack_handle is not None:
+            self._ack_handle.cancel()
+            self._ack_handle = None
+        unacked, self._unacked = self._unacked, []
+        for message in unacked:  # written in one go: the client sends a loop turn's packets together
+            self.client.ack(message)
 
     def _book(self, batch: list[Incoming], stamp_line: str) -> None:
         stats, route, invalid = self.stats, self.route, self.spec.invalid_topic
@@ -125,22 +151,14 @@ class Witness:
         per_feed: dict[int, list[str]] = {}
         stats.messages += len(batch)
         for message in batch:
-            self.client.ack(message)
-            try:
-                body = json.loads(message.payload)
-            except ValueError:
-                stats.unparsable += 1
-                continue
-            if not isinstance(body, dict):
-                stats.unparsable += 1
-                continue
             if message.topic == invalid:
-                stats.dead_letters_by_reason[str(body.get("reason"))] += 1
+                self._dead_letter(message.payload)
                 continue
-            device_id, seq = body.get("device_id"), body.get("seq")
-            if not isinstance(device_id, str) or not isinstance(seq, int) or " " in device_id:
+            key = uplink_key(message.topic, message.payload)
+            if key is None:
                 stats.unparsable += 1
                 continue
+            device_id, seq = key
             stats.uplinks += 1
             index = 0 if single else route.get(device_id, 0)  # unknown: foreign, at feed 0
             lines = per_feed.get(index)
@@ -149,6 +167,32 @@ class Witness:
             lines.append(f"{device_id} {seq}\n")
         for index, lines in per_feed.items():
             self.feeds.add(index, lines)
+
+    def _dead_letter(self, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            self.stats.dead_letters_by_reason[str(body.get("reason"))] += 1
+        else:
+            self.stats.unparsable += 1
+
+
+# An uplink message's `"seq":` can only be a key (a quote inside a JSON string is escaped),
+# and only the top-level one (seq is a reserved field name): a search is exact, and ~3 µs
+# cheaper than json.loads of the whole message.
+_SEQ = re.compile(rb'"seq"\s*:\s*(-?[0-9]+)\s*[,}]')
+
+
+def uplink_key(topic: str, payload: bytes) -> tuple[str, int] | None:
+    """(device_id, seq) of an uplink message on `{prefix}/{tenant}/{type}/{device_id}/up`,
+    None when it has no integer seq (then it is not one of the simulator's)."""
+    parts = topic.rsplit("/", 2)
+    found = _SEQ.search(payload)
+    if len(parts) != 3 or found is None or not parts[1] or " " in parts[1]:
+        return None
+    return parts[1], int(found.group(1))
 
 
 async def serve(parent: Parent) -> int:
@@ -184,6 +228,7 @@ async def serve(parent: Parent) -> int:
     finally:
         lag.stop()
         consumer.cancel()
+        witness.flush_acks()
         stopped.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await consumer
