@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import uvloop
 
+from gateway import gctune
 from gateway.config import DeviceType, SimSection
 from gateway.registry import Device
 from gateway.sim.channel import Parent
@@ -174,6 +175,8 @@ async def serve(parent: Parent) -> int:
     loop = asyncio.get_running_loop()
     feed, _ = await loop.connect_read_pipe(lambda: DeliveryFeed(shard.ledger),
                                            os.fdopen(spec.feed_fd, "rb", buffering=0))
+    gctune.tune()
+    gctune.settle()  # the fleet just built lives to the end: out of every collection
     parent.send(("ready", [d.device_id for d in shard.devices]))
     try:
         await parent.receive()  # go
