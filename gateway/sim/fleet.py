@@ -1,6 +1,6 @@
-"""The asyncio engine that drives the whole fleet from one process: wakes each device at
-its report time, caps how many are awake at once (one socket each), runs one Exchange per
-wake, and books every outcome in the Ledger.
+"""The asyncio engine that drives a fleet process's devices (all of the fleet, or its share
+with --processes): wakes each device at its report time, caps how many are awake at once
+(one socket each), runs one Exchange per wake, and books every outcome in the Ledger.
 
 Timer handles, not tasks: 40,000 sleeping devices are 40,000 entries in the loop's heap.
 It never holds a socket for a sleeping device (the fd limit here is 20,000).
