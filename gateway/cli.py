@@ -113,6 +113,7 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="the gateway's CoAP address (default: [sim] host)")
     p.add_argument("--port", type=int, help="the gateway's CoAP port (default: [coap] port)")
     p.add_argument("--json", type=Path, dest="json_path", help="also write the summary as JSON")
+    p.add_argument("--processes", type=int, help="fleet processes, devices split by index (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.add_argument("--make-registry", type=int, metavar="N",
                    help="write a registry of N devices to --out and exit (no simulation)")
@@ -133,6 +134,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=["steady", "storm", "faulty"], default="steady")
     p.add_argument("--seed", type=int)
     p.add_argument("--json", type=Path, dest="json_path", help="also write the summary as JSON")
+    p.add_argument("--processes", type=int, help="fleet processes, devices split by index (default: 1)")
 
 
 def _load(path: Path) -> tuple[object, object]:
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.config, devices=args.devices, duration_s=args.duration_s,
                         interval_s=args.interval_s, profile=args.profile, seed=args.seed,
-                        json_path=args.json_path)
+                        json_path=args.json_path, processes=args.processes)
     if args.command == "bench":
         return cmd_bench(args)
     if args.command == "soak":
@@ -297,6 +299,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         return command.make_registry_command(args.config, args.make_registry, args.out,
                                              args.interval_s)
     overrides = {k: getattr(args, k) for k in (
-        "devices", "interval_s", "duration_s", "profile", "seed", "faulty_share", "host", "port")}
+        "devices", "interval_s", "duration_s", "profile", "seed", "faulty_share", "host", "port",
+        "processes")}
     return command.run_command(args.config, overrides, args.json_path,
                                show_progress=not args.no_progress)

@@ -171,6 +171,10 @@ class SimSection(Section):
     source_addresses: Literal["per_device", "shared"] = "per_device"  # 127.x.y.z per device
     drain_s: Annotated[float, Field(ge=0)] = 30.0  # after the window: finish exchanges
     grace_s: Annotated[float, Field(ge=0)] = 10.0  # then: wait for acked reports on MQTT
+    processes: Annotated[int, Field(ge=1, le=64)] = 1  # fleet processes, devices split by index
+    # A self-test: every second, each fleet process busy-waits this long on its event loop,
+    # as an overloaded simulator would (the summary must then call its latencies distorted).
+    loop_stall_ms: Annotated[float, Field(ge=0, lt=1000)] = 0.0
 
     @model_validator(mode="after")
     def _some_coverage(self) -> SimSection:

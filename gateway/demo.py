@@ -80,15 +80,16 @@ def format_gateway_metrics(m: dict[str, float]) -> str:
 
 
 def run_demo(config: Path | None, *, devices: int, duration_s: float, interval_s: float,
-             profile: str = "steady", seed: int | None = None, json_path: Path | None = None) -> int:
+             profile: str = "steady", seed: int | None = None, json_path: Path | None = None,
+             processes: int | None = None) -> int:
     from gateway.config import load_config
     from gateway.errors import ConfigError
     from gateway.registry import load_registry
     from gateway.sim.command import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LOST, finish, sim_section
+    from gateway.sim.processes import SimulatorError
     from gateway.sim.progress import Progress
     from gateway.sim.registry_file import make_registry
     from gateway.sim.run import simulate
-    from gateway.sim.witness import WitnessError
 
     config = (config or localstack.SHIPPED_CONFIG).resolve()
     try:
@@ -114,10 +115,13 @@ def run_demo(config: Path | None, *, devices: int, duration_s: float, interval_s
             demo_settings = settings.model_copy(update={
                 "coap": settings.coap.model_copy(update={"port": coap_port}),
                 "mqtt": settings.mqtt.model_copy(update={"host": "127.0.0.1", "port": broker_port}),
+                "metrics": settings.metrics.model_copy(update={
+                    "enabled": True, "bind": "127.0.0.1", "port": metrics_port}),
             })
             sim = sim_section(settings.sim, {
                 "devices": devices, "interval_s": interval_s, "duration_s": duration_s,
                 "profile": profile, "seed": seed, "host": "127.0.0.1", "port": coap_port,
+                "processes": processes,
                 "drain_s": min(settings.sim.drain_s, DEMO_DRAIN_S)})
             registry = load_registry(registry_path, settings.types)
             summary = asyncio.run(simulate(demo_settings, registry, sim, Progress()))
@@ -125,7 +129,7 @@ def run_demo(config: Path | None, *, devices: int, duration_s: float, interval_s
         except KeyboardInterrupt:
             print("\ndemo interrupted: stopping the gateway and the broker", file=sys.stderr)
             return EXIT_INTERRUPTED
-        except (DemoError, ConfigError, WitnessError) as e:
+        except (DemoError, ConfigError, SimulatorError) as e:
             problems = e.problems if isinstance(e, ConfigError) else [str(e)]
             print("demo failed: " + "\n  ".join(problems), file=sys.stderr)
             return EXIT_LOST

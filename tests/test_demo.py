@@ -12,7 +12,9 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 SUMMARY_KEYS = {"devices", "sent", "acked", "rejected_by_code", "retransmissions", "delivered",
-                "duplicates_delivered", "lost", "ack_latency_ms", "delivery_latency_ms"}
+                "duplicates_delivered", "lost", "ack_latency_ms", "delivery_latency_ms",
+                "gateway_ack_latency_ms", "gateway_cpu_per_uplink_us", "sim_cpu_per_report_us",
+                "fleet_lag_ms", "witness_lag_ms", "latencies_distorted"}
 
 
 def figure(label: str, text: str) -> int:
@@ -35,6 +37,10 @@ def test_short_demo_exits_0_and_prints_the_summary(tmp_path: Path) -> None:
     assert acked > 0
     assert figure("delivered (MQTT)", result.stdout) >= acked
     assert "gateway (from its /metrics):" in result.stdout
+    assert re.search(r"^gateway ack ms\s+p50 [\d.]+", result.stdout, re.MULTILINE)
+    assert re.search(r"^simulator\s+.* µs per report", result.stdout, re.MULTILINE)
+    assert re.search(r"^gateway\s+.* µs per uplink; simulator/gateway [\d.]+$", result.stdout,
+                     re.MULTILINE)
     assert "broker and gateway stopped cleanly" in result.stderr
     summary = json.loads(summary_path.read_text())
     assert set(summary) >= SUMMARY_KEYS

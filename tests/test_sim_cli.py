@@ -58,3 +58,10 @@ def test_bad_sim_option_names_its_key(capsys: pytest.CaptureFixture[str]) -> Non
 
     assert code == 2
     assert "sim.faulty_share" in capsys.readouterr().err
+
+
+def test_processes_below_one_exits_2_naming_its_key(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["sim", "--config", str(DEFAULT_CONFIG), "--processes", "0", "--no-progress"])
+
+    assert code == 2
+    assert "sim.processes" in capsys.readouterr().err

@@ -1,10 +1,14 @@
-"""The simulator's books: what counts as lost, duplicated, unacked or foreign."""
+"""The simulator's books: what counts as lost, duplicated, unacked or foreign; how the
+books of several fleet processes merge; the gateway's own histogram read over a run."""
 
 from __future__ import annotations
 
+from gateway.registry import Device
+from gateway.sim.gateway_side import GatewayReading, ack_latency_ms
 from gateway.sim.ledger import Ledger
 from gateway.sim.payloads import Fault
 from gateway.sim.report import Summary, percentiles
+from gateway.sim.run import split_by_index
 
 
 def ledger_with(device_id: str = "th-1", first_seq: int = 100) -> Ledger:
@@ -97,3 +101,46 @@ def test_percentiles_use_the_nearest_rank() -> None:
 
     assert percentiles(values) == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0}
     assert percentiles([]) == {"p50": None, "p95": None, "p99": None, "max": None}
+
+
+def test_merged_books_add_every_count_and_keep_every_sample() -> None:
+    first, second = ledger_with("th-1"), ledger_with("th-2")
+    first.report_sent(("th-1", 100), 0.0, None)
+    first.report_acked(("th-1", 100), 0.5, 0.0)
+    first.report_delivered("th-1", 100, 0.3)
+    second.report_sent(("th-2", 100), 0.0, Fault.WRONG_TOKEN)
+    second.report_rejected(("th-2", 100), "4.01", Fault.WRONG_TOKEN)
+    second.report_sent(("th-2", 101), 1.0, None)
+    second.report_acked(("th-2", 101), 2.0, 1.0)
+    second.dead_letter("bad_token")
+    for ledger in (first, second):
+        ledger.seal()
+
+    merged = Ledger()
+    merged.merge(first)
+    merged.merge(second)
+
+    assert (merged.sent, merged.acked, merged.delivered, merged.lost) == (3, 2, 1, 1)
+    assert merged.rejected_by_code == {"4.01": 1}
+    assert merged.fault_answers == {Fault.WRONG_TOKEN: {"4.01": 1}}
+    assert merged.dead_letters_by_reason == {"bad_token": 1}
+    assert sorted(merged.ack_latency_ms) == [500.0, 1000.0]
+    assert list(merged.delivery_latency_ms) == [300.0]
+
+
+def test_devices_are_split_by_index_into_consecutive_shares() -> None:
+    rows = [Device(f"d{i}", "env_th", "t", 60) for i in range(10)]
+
+    shares = split_by_index(rows, 3)
+
+    assert [first for first, _ in shares] == [0, 3, 6]
+    assert [d for _, share in shares for d in share] == rows
+
+
+def test_gateway_ack_percentiles_come_from_the_histograms_growth_over_the_run() -> None:
+    inf = float("inf")
+    before = GatewayReading(10, 1.0, ((0.001, 5), (0.0025, 10), (0.005, 10), (inf, 10)))
+    # 100 uplinks in the run: 50 under 1 ms, 40 in (1, 2.5] ms, 10 in (2.5, 5] ms.
+    after = GatewayReading(110, 2.0, ((0.001, 55), (0.0025, 100), (0.005, 110), (inf, 110)))
+
+    assert ack_latency_ms(before, after) == {"p50": 1.0, "p95": 3.8, "p99": 4.8}

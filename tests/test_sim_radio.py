@@ -168,3 +168,61 @@ async def test_rebinding_sends_the_retransmission_from_a_new_source_port(
     assert exchange.rebinds >= 1
     assert server.mids[:2] == [77, 77]
     assert server.sources[0][1] != server.sources[1][1]
+
+
+# -- delays without timers: a reply handled on receipt never overtakes one on its way ------
+class ScriptedRadio(Radio):
+    """No loss; each one-way latency is the next of `latencies_s`."""
+
+    def __init__(self, latencies_s: list[float]) -> None:
+        super().__init__(random.Random(0))
+        self.latencies_s = list(latencies_s)
+
+    def latency_s(self, coverage: Coverage) -> float:
+        return self.latencies_s.pop(0)
+
+
+class NumberedReplies(asyncio.DatagramProtocol):
+    """Answers every request 2.04 with the payload `reply-N`, N counting requests."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.requests = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        msg = wire.decode(data)
+        self.requests += 1
+        assert self.transport is not None
+        self.transport.sendto(wire.encode(wire.Message(
+            C.ACK, C.CHANGED, msg.mid, msg.token, [], f"reply-{self.requests}".encode())), addr)
+
+
+async def test_a_reply_still_on_its_way_reaches_the_device_before_a_later_one() -> None:
+    loop = asyncio.get_running_loop()
+    transport, peer = await loop.create_datagram_endpoint(NumberedReplies,
+                                                          local_addr=("127.0.0.1", 0))
+    # ACK_TIMEOUT 0.1 s, no randomness: retransmission at 0.1 s, next deadline 0.3 s.
+    # Reply 1 takes 0.2 s down (past the first deadline: it waits in a timer); reply 2,
+    # to the retransmission, 0.15 s: it is read before reply 1 arrives, but would reach
+    # the device at 0.25 s, after it.
+    radio = ScriptedRadio([0.0, 0.2, 0.0, 0.15])
+    rng = random.Random(1)
+    link = Link(loop, ("127.0.0.1", transport.get_extra_info("sockname")[1]), socket.AF_INET,
+                radio, rng, TransmissionParameters(ack_timeout_s=0.1, ack_random_factor=1.0),
+                nat_idle_timeout_s=3600.0, nat_rebind_probability=0.0)
+    done: asyncio.Future[Exchange] = loop.create_future()
+    exchange = Exchange(link, source_ip="127.0.0.1", coverage=Coverage.CE0, mid=9, token=b"tk",
+                        request=build_request(9, b"tk", "th-00001", "k", 50, b'{"seq":1}'),
+                        on_done=done.set_result)
+    try:
+        exchange.start()
+        await asyncio.wait_for(done, 30)
+    finally:
+        transport.close()
+
+    assert exchange.outcome is Outcome.ACKED
+    assert peer.requests == 2
+    assert exchange.reply_payload == b"reply-1"

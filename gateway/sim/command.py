@@ -1,8 +1,9 @@
 """`nbiot-gateway sim`: load config and registry, apply the command line over `[sim]`, run,
 print the summary (and write JSON), and turn the result into an exit code.
 
-Exit 0: nothing acked was lost; 1: something acked was lost, or the gateway never
-answered; 2: bad configuration or arguments.
+Exit 0: nothing acked was lost; 1: something acked was lost, the gateway never answered,
+or a part of the simulator (the witness, a fleet process) failed; 2: bad configuration or
+arguments.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def make_registry_command(config: Path, n: int, out: Path | None, interval_s: fl
 
 def run_command(config: Path, overrides: dict[str, Any], json_path: Path | None,
                 show_progress: bool = True) -> int:
+    from gateway.sim.processes import SimulatorError
     from gateway.sim.progress import Progress
     from gateway.sim.run import simulate
-    from gateway.sim.witness import WitnessError
 
     try:
         settings = load_config(config)
@@ -84,7 +85,7 @@ def run_command(config: Path, overrides: dict[str, Any], json_path: Path | None,
     except ConfigError as e:
         _print_problems(config, e)
         return EXIT_CONFIG
-    except WitnessError as e:
+    except SimulatorError as e:
         print(f"simulation aborted: {e}", file=sys.stderr)
         return EXIT_LOST
     return finish(summary, json_path)

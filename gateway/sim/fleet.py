@@ -1,6 +1,6 @@
-"""The asyncio engine that drives the whole fleet from one process: wakes each device at
-its report time, caps how many are awake at once (one socket each), runs one Exchange per
-wake, and books every outcome in the Ledger.
+"""The asyncio engine that drives a fleet process's devices (all of the fleet, or its share
+with --processes): wakes each device at its report time, caps how many are awake at once
+(one socket each), runs one Exchange per wake, and books every outcome in the Ledger.
 
 Timer handles, not tasks: 40,000 sleeping devices are 40,000 entries in the loop's heap.
 It never holds a socket for a sleeping device (the fd limit here is 20,000).
@@ -22,9 +22,15 @@ from gateway.coap import numbers as C
 from gateway.config import DeviceType, SimSection
 from gateway.registry import Device
 from gateway.sim import payloads
-from gateway.sim.exchange import Exchange, Link, Outcome, build_request
+from gateway.sim.exchange import Exchange, Link, Outcome, encode_request, request_options
 from gateway.sim.ledger import Ledger
-from gateway.sim.payloads import ALWAYS_FAULTY, INTERMITTENT_FAULT_PROBABILITY, Fault, Sensor
+from gateway.sim.payloads import (
+    ALWAYS_FAULTY,
+    INTERMITTENT_FAULT_PROBABILITY,
+    Fault,
+    ReportEncoder,
+    Sensor,
+)
 from gateway.sim.radio import Coverage
 
 # First seq of every device in this run: milliseconds since 2023-11-14, so a later run's
@@ -60,6 +66,8 @@ class SimDevice:
     source_ip: str
     seq: int
     mid: int
+    request_options: bytes  # the CoAP options of its every uplink, encoded once
+    encoder: ReportEncoder
     next_at: float = 0.0
     report: Report | None = None
     handle: asyncio.TimerHandle | None = None
@@ -88,8 +96,11 @@ def build_devices(
     rng: random.Random,
     *,
     now_s: float,
+    first_index: int = 0,
 ) -> list[SimDevice]:
-    """The simulated fleet: one SimDevice per registry row, a share of them faulty."""
+    """The simulated fleet: one SimDevice per registry row, a share of them faulty.
+    `first_index` is the fleet-wide index of the first row (a process's share of a fleet
+    split by index): it picks each device's own source address."""
     share = sim.faulty_share if sim.faulty_share is not None else FAULTY_SHARE[sim.profile]
     n = len(registry_devices)
     faulty_idx = set(rng.sample(range(n), round(n * share)))
@@ -109,19 +120,23 @@ def build_devices(
                 fault = Fault.MALFORMED
         device_id = f"unregistered-{dev.device_id}" if fault is Fault.UNKNOWN_ID else dev.device_id
         token = dev.token + "x" if fault is Fault.WRONG_TOKEN else dev.token
+        coverage = rng.choices(list(Coverage), weights=sim.coverage_shares)[0]
+        content_format = rng.choice(formats)
         fleet.append(SimDevice(
             device_id=device_id,
             device_type=dev.device_type,
             token=token,
             interval_s=sim.interval_s or float(dev.report_interval_s),
-            coverage=rng.choices(list(Coverage), weights=sim.coverage_shares)[0],
-            content_format=rng.choice(formats),
+            coverage=coverage,
+            content_format=content_format,
             fault=fault,
             sensor=Sensor(dev.device_type, spec, rng, now_s),
             units=units[dev.device_type],
-            source_ip=source_address(sim.host, i, sim.source_addresses),
+            source_ip=source_address(sim.host, first_index + i, sim.source_addresses),
             seq=first_seq,
             mid=rng.getrandbits(16),
+            request_options=request_options(device_id, token, content_format),
+            encoder=ReportEncoder(content_format, device_id, units[dev.device_type]),
         ))
     return fleet
 
@@ -220,8 +235,7 @@ class Fleet:
         if fault is Fault.OUT_OF_RANGE:
             values = payloads.out_of_range(values, self.types[device.device_type])
         ack = device.unconfirmed_command
-        payload = payloads.encode(device.content_format, device.device_id, seq, int(now_s), values,
-                                  device.units, ack)
+        payload = device.encoder.encode(seq, int(now_s), values, ack)
         if fault is Fault.MALFORMED:
             payload = payloads.malformed(payload)
         elif fault is Fault.OVERSIZED:
@@ -235,16 +249,17 @@ class Fleet:
         self.awake_peak = max(self.awake_peak, self.awake)
         device.mid = (device.mid + 1) & 0xFFFF
         token = self.rng.getrandbits(32).to_bytes(4, "big")
-        request = build_request(device.mid, token, device.device_id, device.token,
-                                report.content_format, report.payload)
+        request = encode_request(device.mid, token, device.request_options, report.payload)
         exchange = Exchange(self.link, source_ip=device.source_ip, coverage=device.coverage,
                             mid=device.mid, token=token, request=request,
                             on_done=lambda ex: self._done(device, ex))
         self.exchanges.add(exchange)
+        exchange.start()
         if not report.announced:
             report.announced = True
-            self.ledger.report_sent((device.device_id, report.seq), self.loop.time(), report.fault)
-        exchange.start()
+            # Loop time is CLOCK_MONOTONIC, the witness's clock for arrivals.
+            self.ledger.report_sent((device.device_id, report.seq), exchange.started_at,
+                                    report.fault)
 
     def _done(self, device: SimDevice, exchange: Exchange) -> None:
         self.awake -= 1
@@ -258,7 +273,7 @@ class Fleet:
         assert report is not None
         key = (device.device_id, report.seq)
         outcome = exchange.outcome
-        now = self.loop.time()
+        now = exchange.finished_at
         if outcome is Outcome.UNAVAILABLE and not self.stopping:
             if exchange.code == C.TOO_MANY_REQUESTS:
                 ledger.rate_limited += 1

@@ -1,15 +1,17 @@
 """The simulator's books: every report sent, how the gateway answered it, and whether the
-MQTT witness saw it, keyed by (device_id, seq).
+MQTT witness saw it, keyed by (device_id, seq). Each fleet process keeps its own; at the
+end they are merged into one.
 
-Bookkeeping only: no I/O, no clock of its own (callers pass loop times). An acked report
-that the witness never sees is `lost`; the ledger never guesses, it only counts.
+Bookkeeping only: no I/O, no clock of its own (callers pass CLOCK_MONOTONIC times). An
+acked report that the witness never sees is `lost`; the ledger never guesses, it only
+counts.
 """
 
 from __future__ import annotations
 
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from gateway.sim.payloads import Fault
@@ -26,6 +28,29 @@ class Entry:
     rejected: bool = False
     delivered: bool = False
     done: bool = False  # the device stopped trying (acked, rejected or gave up)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The figures the live progress line shows, summed over the fleet's processes."""
+
+    sent: int = 0
+    acked: int = 0
+    delivered: int = 0
+    pending: int = 0  # acked, not yet seen by the witness
+    retransmissions: int = 0
+    timeouts: int = 0
+    service_unavailable: int = 0
+    rate_limited: int = 0
+    rejected_by_code: tuple[tuple[str, int], ...] = ()
+    awake: int = 0
+    waiting: int = 0
+
+    def __add__(self, other: Snapshot) -> Snapshot:
+        rejected = Counter(dict(self.rejected_by_code)) + Counter(dict(other.rejected_by_code))
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(Snapshot)
+                  if f.name != "rejected_by_code"}
+        return Snapshot(**summed, rejected_by_code=tuple(sorted(rejected.items())))
 
 
 @dataclass
@@ -66,6 +91,32 @@ class Ledger:
     def lost(self) -> int:
         """Acked reports the witness has not seen (final once the grace period is over)."""
         return self.acked_undelivered
+
+    def snapshot(self, awake: int, waiting: int) -> Snapshot:
+        return Snapshot(self.sent, self.acked, self.delivered, self.acked_undelivered,
+                        self.retransmissions, self.timeouts, self.service_unavailable,
+                        self.rate_limited, tuple(sorted(self.rejected_by_code.items())), awake,
+                        waiting)
+
+    def seal(self) -> None:
+        """The run is over: drop the per-report state, keep the counters and samples (what
+        travels to the process that merges the books)."""
+        self.open = {}
+        self._delivered_seqs = {}
+
+    def merge(self, other: Ledger) -> None:
+        """Add another fleet process's sealed books to these."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name in ("open", "_delivered_seqs"):
+                continue
+            if isinstance(mine, int):
+                setattr(self, f.name, mine + theirs)
+            elif isinstance(mine, Counter | array):
+                mine += theirs
+            else:  # fault_answers: kind -> Counter of codes
+                for kind, answers in theirs.items():
+                    mine.setdefault(kind, Counter()).update(answers)
 
     # -- the device side -----------------------------------------------------------------
     def first_seq(self, device_id: str, seq: int) -> None:

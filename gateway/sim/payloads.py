@@ -23,6 +23,13 @@ CONTENT_FORMATS = {"json": JSON, "cbor": CBOR, "senml+json": SENML_JSON, "senml+
 # RFC 8428 section 6: CBOR labels of SenML.
 _BN, _BT, _N, _U, _V, _VS = -2, -3, 0, 1, 2, 3
 DAY_S = 86_400.0
+_DAY_RAD_PER_S = 2 * math.pi / DAY_S
+# json.dumps(..., separators=...) builds a new encoder per call: one shared, ~1.5 µs less.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+# Standard normal draws for the drift, looked up instead of random.gauss (~0.6 µs each in
+# Python): 4,096 of them are plenty for readings that only need to look plausible.
+_NORMAL_BITS = 12
+_NORMALS = tuple(random.Random(20251123).gauss(0.0, 1.0) for _ in range(1 << _NORMAL_BITS))
 
 
 class Fault(StrEnum):
@@ -93,58 +100,64 @@ def _generic_drift(spec: FieldSpec) -> Drift:
 class Sensor:
     """One device's drifting readings for its type's fields."""
 
-    __slots__ = ("_at", "_derived", "_energy_kwh", "_fields", "_pf", "_phase", "_rng", "_spec",
-                 "_state", "kind")
+    __slots__ = ("_at", "_derived", "_energy_kwh", "_fields", "_pf", "_phase", "_power_range",
+                 "_rng", "_state", "kind")
 
     def __init__(self, kind: str, spec: DeviceType, rng: random.Random, now_s: float) -> None:
         self.kind = kind
         self._rng = rng
         profile = PROFILES.get(kind, {})
-        self._fields: list[tuple[str, Drift, FieldSpec]] = []
+        # Per field, flat: (name, mean, daily amplitude, tau, spread, decimals, low, high).
+        # A device's state is touched once a report, long after the last: few objects to
+        # fetch from memory matter more than few instructions (~1 µs a report).
+        self._fields: list[tuple[str, float, float, float, float, int, float, float]] = []
         self._state: list[float] = []
         for name, field_spec in spec.fields.items():
             if kind == "power_meter" and name in ("power", "energy"):
                 continue  # derived from voltage and current below
             drift = profile.get(name) or _generic_drift(field_spec)
             mean = drift.mean + rng.uniform(-1, 1) * drift.per_device_offset
-            self._fields.append((name, Drift(mean, drift.spread, drift.tau_s, drift.daily_amplitude,
-                                             drift.decimals), field_spec))
+            self._fields.append((name, mean, drift.daily_amplitude, drift.tau_s, drift.spread,
+                                 drift.decimals, *_range(field_spec)))
             self._state.append(mean + rng.gauss(0, drift.spread))
         self._derived = kind == "power_meter" and "power" in spec.fields
+        self._power_range = _range(spec.fields["power"]) if self._derived else (0.0, 0.0)
         self._energy_kwh = rng.uniform(1_000, 50_000) if "energy" in spec.fields else None
         self._pf = rng.uniform(0.88, 0.99)
         self._phase = rng.uniform(0, DAY_S)
         self._at = now_s
-        self._spec = spec
 
     def read(self, now_s: float) -> dict[str, float]:
         """The readings at `now_s` (seconds), after drifting since the last read."""
         dt = max(0.0, now_s - self._at)
         self._at = now_s
         values: dict[str, float] = {}
-        rng = self._rng
-        for i, (name, drift, spec) in enumerate(self._fields):
-            mean = drift.mean + drift.daily_amplitude * math.sin(2 * math.pi * (now_s + self._phase) / DAY_S)
-            decay = math.exp(-dt / drift.tau_s)
-            x = mean + (self._state[i] - mean) * decay + rng.gauss(0, drift.spread) * math.sqrt(
-                1 - decay * decay)
-            self._state[i] = x
-            values[name] = _clamp(round(x, drift.decimals), spec)
+        draw = self._rng.getrandbits
+        state = self._state
+        daily = math.sin(_DAY_RAD_PER_S * (now_s + self._phase))
+        for i, (name, mean, amplitude, tau_s, spread, decimals, low, high) in enumerate(self._fields):
+            mean += amplitude * daily
+            decay = math.exp(-dt / tau_s)
+            x = mean + (state[i] - mean) * decay + _NORMALS[draw(_NORMAL_BITS)] * spread * (
+                math.sqrt(1 - decay * decay))
+            state[i] = x
+            value = round(x, decimals)
+            values[name] = low if value < low else high if value > high else value
         if self._derived:
             power = values.get("voltage", 230.0) * values.get("current", 0.0) * self._pf
-            values["power"] = _clamp(round(power, 1), self._spec.fields["power"])
+            low, high = self._power_range
+            value = round(power, 1)
+            values["power"] = low if value < low else high if value > high else value
             if self._energy_kwh is not None:
                 self._energy_kwh += power * dt / 3.6e6
                 values["energy"] = round(self._energy_kwh, 3)
         return values
 
 
-def _clamp(value: float, spec: FieldSpec) -> float:
-    if spec.min is not None and value < spec.min:
-        return float(spec.min)
-    if spec.max is not None and value > spec.max:
-        return float(spec.max)
-    return float(value)
+def _range(spec: FieldSpec) -> tuple[float, float]:
+    """A field's [min, max] as floats, open ends infinite."""
+    return (-math.inf if spec.min is None else float(spec.min),
+            math.inf if spec.max is None else float(spec.max))
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -155,7 +168,7 @@ def encode(content_format: int, device_id: str, seq: int, ts: int, values: Mappi
     envelope: dict[str, object] = {"seq": seq, "ts": ts} if ack is None else {
         "seq": seq, "ts": ts, "ack": ack}
     if content_format == JSON:
-        return json.dumps({**envelope, **values}, separators=(",", ":")).encode()
+        return _COMPACT_JSON.encode({**envelope, **values}).encode()
     if content_format == CBOR:
         return bytes(cbor2.dumps({**envelope, **values}))
     if content_format == SENML_JSON:
@@ -164,7 +177,7 @@ def encode(content_format: int, device_id: str, seq: int, ts: int, values: Mappi
                  for n, v in values.items()]
         if ack is not None:
             pack.append({"n": "ack", "vs": ack})
-        return json.dumps(pack, separators=(",", ":")).encode()
+        return _COMPACT_JSON.encode(pack).encode()
     if content_format == SENML_CBOR:
         cpack: list[dict[int, object]] = [{_BN: f"urn:dev:{device_id}:", _BT: ts, _N: "seq", _V: seq}]
         cpack += [{_N: n, _U: units[n], _V: v} if units.get(n) else {_N: n, _V: v}
@@ -173,6 +186,84 @@ def encode(content_format: int, device_id: str, seq: int, ts: int, values: Mappi
             cpack.append({_N: "ack", _VS: ack})
         return bytes(cbor2.dumps(cpack))
     raise ValueError(f"no encoder for content-format {content_format}")
+
+
+class ReportEncoder:
+    """One device's reports in its content format: the same bytes as `encode`
+    (tests/test_sim_payloads.py). A SenML pack is rendered from parts made once per
+    device (base name, each field's name and unit), not built as a list of maps per
+    report: 6.2 -> 2.3 µs (SenML+JSON), 4.6 -> 2.1 µs (SenML+CBOR). JSON and CBOR maps go
+    straight to their C encoders, which a template does not beat."""
+
+    __slots__ = ("_cbor_fields", "_cbor_head", "_content_format", "_device_id", "_json_fields",
+                 "_json_head", "_units")
+
+    def __init__(self, content_format: int, device_id: str, units: Mapping[str, str]) -> None:
+        if content_format not in (JSON, CBOR, SENML_JSON, SENML_CBOR):
+            raise ValueError(f"no encoder for content-format {content_format}")
+        self._content_format = content_format
+        self._device_id = device_id
+        self._units = dict(units)
+        base_name = f"urn:dev:{device_id}:"
+        self._json_head = '[{"bn":' + _json_string(base_name) + ',"bt":'
+        self._cbor_head = _cbor(_BN) + _cbor(base_name) + _cbor(_BT)
+        self._json_fields: dict[str, str] = {}
+        self._cbor_fields: dict[str, bytes] = {}
+
+    def encode(self, seq: int, ts: int, values: Mapping[str, float], ack: str | None = None) -> bytes:
+        if self._content_format == SENML_JSON:
+            return self._senml_json(seq, ts, values, ack)
+        if self._content_format == SENML_CBOR:
+            return self._senml_cbor(seq, ts, values, ack)
+        return encode(self._content_format, self._device_id, seq, ts, values, self._units, ack)
+
+    def _senml_json(self, seq: int, ts: int, values: Mapping[str, float], ack: str | None) -> bytes:
+        fields = self._json_fields
+        parts = [self._json_head, str(ts), ',"n":"seq","v":', str(seq), "}"]
+        for name, value in values.items():
+            before = fields.get(name)
+            if before is None:  # a field first seen now (encode allows any)
+                unit = self._units.get(name)
+                before = fields[name] = (',{"n":' + _json_string(name)
+                                         + (',"u":' + _json_string(unit) if unit else "") + ',"v":')
+            parts += before, float.__repr__(value), "}"
+        if ack is not None:
+            parts += ',{"n":"ack","vs":', _json_string(ack), "}"
+        parts.append("]")
+        return "".join(parts).encode()
+
+    def _senml_cbor(self, seq: int, ts: int, values: Mapping[str, float], ack: str | None) -> bytes:
+        fields = self._cbor_fields
+        chunks = [_cbor_array_head(1 + len(values) + (ack is not None)), b"\xa4", self._cbor_head,
+                  _cbor(ts), _CBOR_SEQ, _cbor(seq)]
+        for name, value in values.items():
+            before = fields.get(name)
+            if before is None:
+                unit = self._units.get(name)
+                before = fields[name] = ((b"\xa3" if unit else b"\xa2") + _cbor(_N) + _cbor(name)
+                                         + (_cbor(_U) + _cbor(unit) if unit else b"") + _cbor(_V))
+            chunks += before, _cbor(value)
+        if ack is not None:
+            chunks += _CBOR_ACK, _cbor(ack)
+        return b"".join(chunks)
+
+
+def _cbor(value: object) -> bytes:
+    return bytes(cbor2.dumps(value))
+
+
+def _json_string(s: str) -> str:
+    return _COMPACT_JSON.encode(s)
+
+
+def _cbor_array_head(count: int) -> bytes:
+    """The head of a CBOR array of `count` items."""
+    return _ARRAY_HEADS[count] if count < len(_ARRAY_HEADS) else _cbor([None] * count)[:-count]
+
+
+_ARRAY_HEADS = tuple(bytes((0x80 | n,)) for n in range(24))  # major type 4, count inline
+_CBOR_SEQ = _cbor(_N) + _cbor("seq") + _cbor(_V)
+_CBOR_ACK = b"\xa2" + _cbor(_N) + _cbor("ack") + _cbor(_VS)
 
 
 # -- faults -------------------------------------------------------------------------------

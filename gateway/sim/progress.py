@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from gateway.sim.ledger import Ledger
+from gateway.sim.ledger import Snapshot
 
 
 class Progress:
@@ -24,19 +24,19 @@ class Progress:
         self._last_sent = 0
         self._last_len = 0
 
-    def update(self, ledger: Ledger, awake: int, waiting: int, phase: str, force: bool = False) -> None:
+    def update(self, figures: Snapshot, phase: str, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_at < self._every_s:
             return
         span = now - self._last_at if self._last_at else now - self._started
-        rate = (ledger.sent - self._last_sent) / span if span > 0 else 0.0
-        self._last_at, self._last_sent = now, ledger.sent
-        errors = " ".join(f"{c}:{n}" for c, n in sorted(ledger.rejected_by_code.items())) or "-"
-        line = (f"[{now - self._started:5.0f}s {phase}] {rate:5.0f}/s sent {ledger.sent} "
-                f"acked {ledger.acked} delivered {ledger.delivered} "
-                f"pending {ledger.acked_undelivered} | awake {awake}+{waiting} "
-                f"retx {ledger.retransmissions} timeout {ledger.timeouts} "
-                f"5.03 {ledger.service_unavailable} 4.29 {ledger.rate_limited} | err {errors}")
+        rate = (figures.sent - self._last_sent) / span if span > 0 else 0.0
+        self._last_at, self._last_sent = now, figures.sent
+        errors = " ".join(f"{c}:{n}" for c, n in figures.rejected_by_code) or "-"
+        line = (f"[{now - self._started:5.0f}s {phase}] {rate:5.0f}/s sent {figures.sent} "
+                f"acked {figures.acked} delivered {figures.delivered} "
+                f"pending {figures.pending} | awake {figures.awake}+{figures.waiting} "
+                f"retx {figures.retransmissions} timeout {figures.timeouts} "
+                f"5.03 {figures.service_unavailable} 4.29 {figures.rate_limited} | err {errors}")
         if self._tty:
             # One line that fits, or the carriage return cannot rewrite it.
             line = line[: shutil.get_terminal_size().columns - 1]

@@ -86,13 +86,15 @@ class NatMapping:
         *,
         idle_timeout_s: float,
         rebind_probability: float,
+        opened_at: float | None = None,
     ) -> None:
         self._clock = clock
         self._rng = rng
         self.idle_timeout_s = idle_timeout_s
         self.rebind_probability = rebind_probability
         self.generation = 0
-        self._last_outbound = clock()
+        # The device's first datagram opened the mapping (default: now).
+        self._last_outbound = clock() if opened_at is None else opened_at
 
     def _idle_expired(self, now: float) -> bool:
         return now - self._last_outbound > self.idle_timeout_s
@@ -108,6 +110,8 @@ class NatMapping:
         self._last_outbound = now
         return rebound
 
-    def inbound_allowed(self, generation: int) -> bool:
-        """Does a reply addressed to mapping `generation` still reach the device now?"""
-        return generation == self.generation and not self._idle_expired(self._clock())
+    def inbound_allowed(self, generation: int, at: float | None = None) -> bool:
+        """Does a reply addressed to mapping `generation` still reach the device now (or
+        at time `at`)?"""
+        return generation == self.generation and not self._idle_expired(
+            self._clock() if at is None else at)

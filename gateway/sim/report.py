@@ -1,17 +1,26 @@
-"""The end of a run in numbers: a Summary built from the Ledger, as a table for people and
-as JSON for machines. Formatting only; it computes nothing the ledger did not count.
+"""The end of a run in numbers: a Summary built from the merged Ledger and the run's other
+figures, as a table for people and as JSON for machines. Formatting, and one judgement:
+whether the simulator's own lag distorts the latencies it measured (then the table says
+so instead of showing them).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gateway.sim.ledger import Ledger
 from gateway.sim.payloads import EXPECTED_CODE, Fault
+
+# The simulator's lag adds onto every latency it stamps. Its latencies are called distorted
+# when the lag's p99 (fleet or witness) exceeds 50 ms, or 10 % of the lowest p50 reported
+# (device-side ack, delivery): past that its own delay is no longer small beside what
+# it claims to measure.
+LAG_LIMIT_MS = 50.0
+LAG_SHARE_OF_P50 = 0.1
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -25,6 +34,15 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
         return round(ordered[max(0, math.ceil(p / 100 * n) - 1)], 1)
 
     return {"p50": rank(50), "p95": rank(95), "p99": rank(99), "max": round(ordered[-1], 1)}
+
+
+def lag_limit_ms(*p50s_ms: float | None) -> float:
+    """The lag p99 beyond which latencies with these p50s are distorted."""
+    return min([LAG_LIMIT_MS, *(LAG_SHARE_OF_P50 * p for p in p50s_ms if p is not None)])
+
+
+def _empty() -> dict[str, float | None]:
+    return percentiles([])
 
 
 @dataclass
@@ -65,8 +83,33 @@ class Summary:
     elapsed_s: float
     sent_per_s: float
     sim_cpu_s: float
-    sim_peak_rss_mb: float
+    sim_peak_rss_mb: float  # the sum of each simulator process's peak
+    processes: int = 1  # fleet processes
+    fleet_cpu_s: float = 0.0
+    witness_cpu_s: float = 0.0
+    sim_cpu_per_report_us: float | None = None  # fleet + witness + parent, per report sent
+    fleet_lag_ms: dict[str, float | None] = field(default_factory=_empty)
+    witness_lag_ms: dict[str, float | None] = field(default_factory=_empty)
+    latencies_distorted: bool = field(init=False, default=False)  # judged in __post_init__
+    witness_messages: int = 0
+    # From the gateway's /metrics, over the run (None: it did not answer).
+    gateway_ack_latency_ms: dict[str, float | None] | None = None
+    gateway_uplinks: int | None = None
+    gateway_cpu_s: float | None = None
+    gateway_cpu_per_uplink_us: float | None = None
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        lag_p99 = max(self.fleet_lag_ms["p99"] or 0.0, self.witness_lag_ms["p99"] or 0.0)
+        limit = lag_limit_ms(self.ack_latency_ms["p50"], self.delivery_latency_ms["p50"])
+        self.latencies_distorted = lag_p99 > limit
+        if self.latencies_distorted:
+            self.notes.append(
+                f"the simulator ran late: its event-loop lag p99 was {lag_p99:.0f} ms, over "
+                f"{limit:.0f} ms (50 ms or 10 % of the lowest p50), so its ack and delivery "
+                "latencies would be its own delay as much as the gateway's; they are left "
+                "out of this table (--json keeps them). Simulate fewer devices per process "
+                "(--processes), or give the simulator a core of its own")
 
     @classmethod
     def from_ledger(cls, ledger: Ledger, **run: Any) -> Summary:
@@ -106,6 +149,42 @@ class Summary:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def _latency_rows(self, lat: Callable[[dict[str, float | None]], str]) -> list[tuple[str, str]]:
+        distorted = "not shown: the simulator ran late (note below)"
+        rows = [
+            ("ack latency ms", distorted if self.latencies_distorted else
+             lat(self.ack_latency_ms) + "  (at the device: radio both ways, retransmissions)"),
+            ("delivery ms", distorted if self.latencies_distorted else
+             lat(self.delivery_latency_ms) + "  (first transmission to the witness)"),
+        ]
+        g = self.gateway_ack_latency_ms
+        if g is not None and g["p50"] is not None:
+            rows.append(("gateway ack ms", f"p50 {g['p50']:.1f}  p95 {g['p95']:.1f}  p99 {g['p99']:.1f}"
+                                           "  (its own histogram: receive to durable 2.04)"))
+        f, w = self.fleet_lag_ms, self.witness_lag_ms
+        if f["p99"] is not None:
+            rows.append(("simulator lag ms", f"fleet p50 {f['p50']:.1f}  p99 {f['p99']:.1f}  max "
+                                             f"{f['max']:.0f};  witness p99 {w['p99'] or 0:.1f}  "
+                                             f"max {w['max'] or 0:.0f}"))
+        return rows
+
+    def _cost_rows(self) -> list[tuple[str, str]]:
+        per_report = ("" if self.sim_cpu_per_report_us is None else
+                      f", {self.sim_cpu_per_report_us:.0f} µs per report")
+        plural = "es" if self.processes > 1 else ""
+        rows = [("simulator", f"{self.sim_cpu_s:.1f} s CPU (fleet {self.fleet_cpu_s:.1f} in "
+                              f"{self.processes} process{plural}, witness {self.witness_cpu_s:.1f})"
+                              f"{per_report}; peak RSS {self.sim_peak_rss_mb:.0f} MB")]
+        if self.gateway_cpu_s is not None and self.gateway_cpu_per_uplink_us is not None:
+            ratio = ""
+            if self.sim_cpu_per_report_us is not None:
+                ratio = (f"; simulator/gateway "
+                         f"{self.sim_cpu_per_report_us / self.gateway_cpu_per_uplink_us:.2f}")
+            rows.append(("gateway", f"{self.gateway_cpu_s:.1f} s CPU for {self.gateway_uplinks} "
+                                    f"uplinks, {self.gateway_cpu_per_uplink_us:.0f} µs per uplink"
+                                    f"{ratio}"))
+        return rows
+
     def table(self) -> str:
         """The summary for a terminal: one `name  value` row per figure."""
         def lat(d: dict[str, float | None]) -> str:
@@ -133,10 +212,9 @@ class Summary:
             ("delivered (MQTT)", f"{self.delivered}  ({self.delivered_unacked} of them never acked)"),
             ("duplicates", str(self.duplicates_delivered)),
             ("LOST", f"{self.lost}  (acked, never seen on MQTT)"),
-            ("ack latency ms", lat(self.ack_latency_ms)),
-            ("delivery ms", lat(self.delivery_latency_ms)),
+            *self._latency_rows(lat),
             ("awake peak", f"{self.awake_peak} devices (cap {self.max_awake})"),
-            ("simulator", f"{self.sim_cpu_s:.1f} s CPU, peak RSS {self.sim_peak_rss_mb:.0f} MB"),
+            *self._cost_rows(),
         ]
         if self.downlinks_applied:
             rows.append(("downlinks", f"{self.downlinks_applied} commands applied and confirmed "
