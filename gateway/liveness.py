@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE, NEVER_SEEN = "online", "offline", "never_seen"
 STATES = (ONLINE, OFFLINE, NEVER_SEEN)
+# Wall and monotonic clocks disagreeing by more than this between two sweeps is a jump.
+CLOCK_JUMP_S = 5.0
 
 
 class LivenessStore:
@@ -71,6 +74,7 @@ class Liveness:
         self._state: dict[str, str] = {}  # ONLINE or OFFLINE; absent means never seen
         self._dirty: set[str] = set()
         self._counts = dict.fromkeys(STATES, 0)
+        self._last_sweep: tuple[float, float] | None = None  # (wall, monotonic) clocks
 
     # -- start and reload --------------------------------------------------------------
     async def load(self) -> None:
@@ -100,6 +104,7 @@ class Liveness:
     # -- the periodic sweep ------------------------------------------------------------
     def sweep(self, now: float) -> int:
         """Mark silent devices offline; returns how many changed."""
+        self._follow_clock_jump(now, time.monotonic())
         changed = 0
         for device in self._online_devices():
             silent_s = now - self._seen_at[device.device_id]
@@ -109,6 +114,24 @@ class Liveness:
                              f"({self._offline_after:g} x {device.report_interval_s}s interval)")
                 changed += 1
         return changed
+
+    def _follow_clock_jump(self, wall: float, mono: float) -> None:
+        """A wall clock that jumped (NTP stepping a clock that booted wrong, an operator)
+        would make every device look silent for the jump, or never silent after a step
+        back: last-seen times move with the clock, so silence is measured as it passed."""
+        last = self._last_sweep
+        self._last_sweep = (wall, mono)
+        if last is None:
+            return
+        jump_s = (wall - last[0]) - (mono - last[1])
+        if abs(jump_s) < CLOCK_JUMP_S:
+            return
+        for device_id in self._seen_at:
+            self._seen_at[device_id] += jump_s
+        self._dirty.update(self._seen_at)
+        log.warning("wall clock jumped %+.0f s since the last liveness sweep: the last-seen "
+                    "times of %d devices moved with it, so none is judged by the jump",
+                    jump_s, len(self._seen_at))
 
     def _online_devices(self) -> Iterator[Device]:
         for device_id, state in list(self._state.items()):
