@@ -267,6 +267,8 @@ class Service:
             return False, "not accepting uplinks"
         if not self._spool.has_room(1024):
             return False, "spool full: uplinks get 5.03"
+        if self._spool.last_commit_failed:
+            return False, "spool writes failing (disk full or I/O error, see the log): uplinks get 5.03"
         if self._publisher is not None and self._publisher.connected:
             return True, "ready: broker connected"
         return True, "ready: broker disconnected, spooling"

@@ -296,6 +296,7 @@ class Spool:
         # service waits on it and exits, rather than answer nothing while looking alive.
         self.writer_failed: asyncio.Future[str] | None = None
         self.on_commit: Callable[[int, float], None] | None = None  # (records, seconds)
+        self.last_commit_failed = False  # for /readyz: the disk refuses writes right now
         self.on_rollback: OnRollback | None = None
         self.seq_states: dict[str, SeqState] = {}  # as saved, read once at open
         # Writer thread only: the next record id, accepts logged since the last fold and
@@ -629,6 +630,7 @@ class Spool:
         rollback: tuple[dict[str, SeqState | None], set[tuple[str, int]]] | None,
     ) -> None:
         self._uncommitted -= len(batch)
+        self.last_commit_failed = not ok
         self._deletes_pending -= deleted
         if not self._deletes_pending:
             self._deleted.set()

@@ -195,3 +195,12 @@ def test_a_full_window_holds_across_a_restart(
     assert below_window.payload.startswith(b"seq 6 is far below 70")
     assert seqs_published_through(sub, barrier_seq=hwm + 1) == list(range(1, hwm + 2))
     assert gateway.metric("nbiot_gateway_uplinks_duplicate_total") == 2
+
+
+def test_a_reset_keeps_the_devices_new_time() -> None:
+    window = ReplayWindow()
+    window.accept("d", 900, 50.0, Seen.NEW)
+    window.accept("d", 1, 60.0, Seen.RESET)
+
+    assert window.snapshot("d") == (1, 1, 60.0)
+    assert window.check("d", 1, 60.0) is Seen.DUPLICATE

@@ -163,3 +163,18 @@ async def test_if_the_writer_thread_dies_the_loop_is_told(tmp_path: Path) -> Non
         assert "spool writer thread died" in why
     finally:
         await spool.close()
+
+
+async def test_a_callback_that_raises_does_not_strand_the_others(tmp_path: Path) -> None:
+    outcomes: list[bool] = []
+
+    def broken(ok: bool) -> None:
+        raise RuntimeError("a broken reply path")
+
+    async with Spool(tmp_path / "spool.sqlite", 1 << 30, linger_s=0.05) as spool:
+        spool.append(record(1), broken)  # all three share one commit (the linger)
+        spool.append(record(2), outcomes.append)
+        spool.append(record(3), outcomes.append)
+        await asyncio.wait_for(spool.wait_committed(), 10)
+
+    assert outcomes == [True, True]

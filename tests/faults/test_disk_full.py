@@ -72,14 +72,18 @@ def test_full_disk_answers_5_03_with_max_age_and_recovers_once_freed(
         wait_for(lambda: ledger.acked_count() >= 20, what="uplinks flowing")
         filler = fill(disk)
         wait_for(lambda: gw.rejected("spool_error") >= 10, what="5.03 spool_error, disk full")
+        ready_while_full = gw.readyz()
         filler.unlink()
         wait_grows(ledger.acked_count, 20, "2.04 again after the space was freed")
+        ready_after = gw.readyz()
 
     assert not ledger.broken_promises()
     assert not ledger.unanswered()
     assert SPOOL_ERROR in ledger.refusals() <= {SPOOL_ERROR, OVERLOADED}
     assert ledger.max_ages() == {MAX_AGE_S}
     assert "database or disk is full; the devices were answered 5.03" in gw.log()
+    assert ready_while_full[0] == 503 and "spool writes failing" in ready_while_full[1]
+    assert ready_after[0] == 200
     wait_for(lambda: not missing(ledger.acked(), sub), what="every acked uplink on MQTT")
 
 
