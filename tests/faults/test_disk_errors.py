@@ -57,7 +57,7 @@ def test_writes_and_fsyncs_failing_at_random_lose_no_acked_uplink(
     with Fleet(gw, ledger, max_uplinks=5000, max_s=120):
         wait_for(lambda: ledger.acked_count() >= 20, what="uplinks flowing")
         for point, _ in POINTS.values():
-            # 5% of calls: a commit makes ~10 of them (1 KiB pages), so ~60% succeed.
+            # 5% of calls: a commit makes several (WAL frames of 1 KiB pages, one fdatasync).
             gw.fiu(f"enable_random name={point},probability=0.05,failinfo={EIO}")
         try:
             wait_grows(ledger.acked_count, 300, "2.04 between the failures")
