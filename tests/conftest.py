@@ -291,6 +291,18 @@ class SandboxedGateway(Gateway):
         return returncode
 
 
+@contextlib.contextmanager
+def paused(gw: Gateway) -> Iterator[None]:
+    """The gateway frozen (SIGSTOP) for a moment: a witness subscribes to a restarted broker
+    before the gateway reconnects (mosquitto keeps no messages for absent subscribers)."""
+    assert gw.proc is not None
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(gw.proc.pid, signal.SIGCONT)
+
+
 @pytest.fixture
 def gateway_factory(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     made: list[Gateway] = []

@@ -6,16 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import aiocoap
 
 from gateway.publisher import Backoff
-from tests.conftest import DEVICES, Broker, Device, Gateway, Subscription, wait_for
+from tests.conftest import DEVICES, Broker, Device, Gateway, Subscription, paused, wait_for
 
 SENDERS = [d for d in DEVICES if not d.device_id.startswith("off-")]
 READING = {"env_th": {"temperature": 21.5}, "power_meter": {"voltage": 230.0}, "gas": {"h2": 12.0}}
@@ -81,16 +80,6 @@ def retained(broker: Broker, topic: str) -> str | None:
     return result.stdout.decode().strip() or None
 
 
-@contextlib.contextmanager
-def paused(gw: Gateway) -> Iterator[None]:
-    """Freeze the gateway (SIGSTOP) so a witness can subscribe to a restarted broker before
-    the gateway reconnects: mosquitto runs without persistence and would drop the messages."""
-    assert gw.proc is not None
-    os.kill(gw.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(gw.proc.pid, signal.SIGCONT)
 
 
 def restart_broker_with_witness(gw: Gateway, broker: Broker,

@@ -6,14 +6,13 @@ had not acknowledged, and every acked uplink reaches MQTT."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Broker, wait_for
-from tests.faults.conftest import FaultGateway, GatewayFactory, Witness
+from tests.conftest import Broker, paused, wait_for
+from tests.faults.conftest import GatewayFactory, Witness
 from tests.faults.fleet import OVERLOADED, Fleet, Ledger, missing, wait_grows
 
 CONNECTED = "nbiot_gateway_mqtt_connected"
@@ -22,16 +21,6 @@ SPOOLED = "nbiot_gateway_spool_records"
 CYCLES = 3
 
 
-@contextlib.contextmanager
-def paused(gw: FaultGateway) -> Iterator[None]:
-    """The gateway frozen for a moment, so a new witness subscribes to a restarted broker
-    before the gateway reconnects (the broker keeps no messages for absent subscribers)."""
-    assert gw.proc is not None
-    os.kill(gw.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(gw.proc.pid, signal.SIGCONT)
 
 
 @contextlib.contextmanager

@@ -7,18 +7,16 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import os
 import re
-import signal
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import aiocoap
 import pytest
 
-from tests.conftest import Broker, Subscription, wait_for
-from tests.faults.conftest import Disks, FaultGateway, GatewayFactory, Witness, fill
+from tests.conftest import Broker, Subscription, paused, wait_for
+from tests.faults.conftest import Disks, GatewayFactory, Witness, fill
 from tests.faults.fleet import (
     OVERLOADED,
     SENDERS,
@@ -48,16 +46,6 @@ def spool_rows(disk: Path) -> int:
         return rows
 
 
-@contextlib.contextmanager
-def paused(gw: FaultGateway) -> Iterator[None]:
-    """The gateway frozen while the broker restarts and a witness subscribes to it, so the
-    gateway cannot publish to a broker nobody listens on yet."""
-    assert gw.proc is not None
-    os.kill(gw.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(gw.proc.pid, signal.SIGCONT)
 
 
 def test_full_disk_answers_5_03_with_max_age_and_recovers_once_freed(
