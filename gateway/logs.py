@@ -30,5 +30,3 @@ def setup_logging(level: str, worker: int | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # paho/aiomqtt are chatty at INFO about things we report ourselves.
-    logging.getLogger("aiomqtt").setLevel(max(logging.WARNING, root.level))
