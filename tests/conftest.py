@@ -123,23 +123,20 @@ class Subscription:
         return self.messages(topic_suffix)
 
 
-@pytest.fixture
-def subscribe(broker: Broker, tmp_path: Path) -> Iterator[Callable[[str], Subscription]]:
-    started: list[Subscription] = []
+def start_subscription(broker: Broker, path: Path, topic: str, name: str, qos: int = 1
+                       ) -> Subscription:
+    """mosquitto_sub on `topic`, writing to `path`; returns once the broker routes to it
+    (a probe published until it comes back)."""
+    probe = f"_probe/{name}"
+    proc = popen_logged(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-t", probe,
+         "-q", str(qos), "-v", "-i", f"{name}-{os.getpid()}"], path)
+    sub = Subscription(proc, path)
+    wait_for(lambda: _probe_seen(broker.port, probe, sub), what=f"mosquitto_sub {name} ready")
+    return sub
 
-    def _subscribe(topic: str = "nbiot/#") -> Subscription:
-        path = tmp_path / f"sub-{len(started)}.txt"
-        probe = f"_probe/{len(started)}"
-        proc = popen_logged(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-t", probe,
-             "-q", "1", "-v", "-i", f"witness-{len(started)}-{os.getpid()}"], path)
-        sub = Subscription(proc, path)
-        started.append(sub)
-        # Ready once the broker routes to it: publish a probe until it comes back.
-        wait_for(lambda: _probe_seen(broker.port, probe, sub), what="mosquitto_sub ready")
-        return sub
 
-    yield _subscribe
+def stop_subscriptions(started: list[Subscription]) -> None:
     for sub in started:
         sub.proc.terminate()
         try:
@@ -147,6 +144,20 @@ def subscribe(broker: Broker, tmp_path: Path) -> Iterator[Callable[[str], Subscr
         except subprocess.TimeoutExpired:  # seen once in CI on a loaded machine: no leak
             sub.proc.kill()
             sub.proc.wait(5)
+
+
+@pytest.fixture
+def subscribe(broker: Broker, tmp_path: Path) -> Iterator[Callable[[str], Subscription]]:
+    started: list[Subscription] = []
+
+    def _subscribe(topic: str = "nbiot/#") -> Subscription:
+        n = len(started)
+        started.append(start_subscription(broker, tmp_path / f"sub-{n}.txt", topic,
+                                          f"witness-{n}"))
+        return started[-1]
+
+    yield _subscribe
+    stop_subscriptions(started)
 
 
 def _probe_seen(port: int, topic: str, sub: Subscription) -> bool:

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Broker, Gateway, Subscription, _probe_seen, popen_logged, wait_for
+from tests.conftest import (
+    Broker,
+    Gateway,
+    Subscription,
+    popen_logged,
+    start_subscription,
+    stop_subscriptions,
+    wait_for,
+)
 
 FIU_POSIX = Path("/usr/lib/fiu/fiu_posix_preload.so")
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
@@ -256,20 +264,9 @@ def witness(broker: Broker, tmp_path: Path) -> Iterator[Witness]:
 
     def _start() -> Subscription:
         n = len(started)
-        path, probe = tmp_path / f"witness-{n}.txt", f"_probe/w{n}"
-        proc = popen_logged(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "nbiot/#",
-             "-t", probe, "-q", "0", "-v", "-i", f"fault-witness-{n}-{os.getpid()}"], path)
-        sub = Subscription(proc, path)
-        started.append(sub)
-        wait_for(lambda: _probe_seen(broker.port, probe, sub), what="witness subscribed")
-        return sub
+        started.append(start_subscription(broker, tmp_path / f"witness-{n}.txt", "nbiot/#",
+                                          f"fault-witness-{n}", qos=0))
+        return started[-1]
 
     yield _start
-    for sub in started:
-        sub.proc.terminate()
-        try:
-            sub.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            sub.proc.kill()
-            sub.proc.wait(5)
+    stop_subscriptions(started)
