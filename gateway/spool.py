@@ -34,7 +34,7 @@ OnDurable = Callable[[bool], None]
 _Append = tuple[Record, OnDurable | None, SeqAccept | None, float]
 # A failed batch hands the loop the replay state its devices had before it (what the
 # file still holds) and the accepts it carried, so the pipeline can roll back exactly.
-OnRollback = Callable[[dict[str, "SeqState | None"], set[tuple[str, int]]], None]
+OnRollback = Callable[[dict[str, SeqState | None], set[tuple[str, int]]], None]
 # Bytes counted per row beyond topic and payload: rowid, b-tree cell, WAL frame share.
 ROW_OVERHEAD_BYTES = 32
 # Committed records are also kept in memory for the publisher, up to this much; past it
@@ -173,8 +173,7 @@ def _upgrade(db: sqlite3.Connection) -> None:
                          "file away (its records would be lost)")
     if version == FORMAT_VERSION:
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(db):
         columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
         (table_sql,) = db.execute(
             "SELECT coalesce(max(sql), '') FROM sqlite_master WHERE name = 'records'").fetchone()
@@ -188,10 +187,6 @@ def _upgrade(db: sqlite3.Connection) -> None:
         else:
             _create_tables(db)
         db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 def _repage(db: sqlite3.Connection, path: Path) -> None:
@@ -238,17 +233,31 @@ def fold_seq_log(db: sqlite3.Connection) -> dict[str, SeqState]:
             "SELECT device_id, seq, ts, reset FROM seq_log ORDER BY id"):
         window.accept(device_id, seq, ts, Seen.RESET if reset else Seen.NEW)
         touched.add(device_id)
-    if touched:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            _execute_rows(db, _UPSERT_SEQS, list(_seq_rows(window, touched)))
-            db.execute("DELETE FROM seq_log")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+    if not touched:  # a clean stop folded everything already
+        return saved
+    with _immediate(db):
+        _fold_into(db, window, touched)
     return {device_id: state for device_id in window.devices()
             if (state := window.snapshot(device_id)) is not None}
+
+
+def _fold_into(db: sqlite3.Connection, window: ReplayWindow, devices: Iterable[str]) -> None:
+    """Within a transaction: device_seqs takes the window's state of `devices`, and
+    seq_log, whose accepts that state holds, is emptied."""
+    _execute_rows(db, _UPSERT_SEQS, list(_seq_rows(window, devices)))
+    db.execute("DELETE FROM seq_log")
+
+
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction taken at once, committed, or rolled back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:
@@ -599,8 +608,7 @@ class Spool:
         started = time.perf_counter()
         try:
             db.execute("BEGIN")
-            _execute_rows(db, _UPSERT_SEQS, list(_seq_rows(self._saved_seqs, self._unfolded)))
-            db.execute("DELETE FROM seq_log")
+            _fold_into(db, self._saved_seqs, self._unfolded)
             db.execute("COMMIT")
         except Exception as e:
             log.error("spool: folding %d replay-state accepts into device_seqs failed: %s; "
