@@ -26,7 +26,7 @@ from pathlib import Path
 from gateway.model import Record
 from gateway.registry import Registry
 from gateway.spool import Spool, record_size
-from gateway.sqlitefile import open_db
+from gateway.sqlitefile import immediate, open_db
 from gateway.timefmt import rfc3339_ms
 
 log = logging.getLogger(__name__)
@@ -122,15 +122,9 @@ class DownlinkStore:
             self._db = open_db(self.path, SCHEMA, synchronous_full=True, any_thread=True)
             self._db.isolation_level = None  # our own BEGIN and COMMIT
         db = self._db
-        db.execute("BEGIN IMMEDIATE")  # the write lock first: a busy file is waited for
-        try:
+        with immediate(db):
             for sql, params in statements:
                 db.execute(sql, params)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         if self._db is not None:

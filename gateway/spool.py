@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gateway.model import Record
 from gateway.replay import ReplayWindow, Seen, SeqAccept, SeqState
+from gateway.sqlitefile import immediate
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def _upgrade(db: sqlite3.Connection) -> None:
                          "file away (its records would be lost)")
     if version == FORMAT_VERSION:
         return
-    with _immediate(db):
+    with immediate(db):
         columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
         (table_sql,) = db.execute(
             "SELECT coalesce(max(sql), '') FROM sqlite_master WHERE name = 'records'").fetchone()
@@ -235,7 +236,7 @@ def fold_seq_log(db: sqlite3.Connection) -> dict[str, SeqState]:
         touched.add(device_id)
     if not touched:  # a clean stop folded everything already
         return saved
-    with _immediate(db):
+    with immediate(db):
         _fold_into(db, window, touched)
     return {device_id: state for device_id in window.devices()
             if (state := window.snapshot(device_id)) is not None}
@@ -246,18 +247,6 @@ def _fold_into(db: sqlite3.Connection, window: ReplayWindow, devices: Iterable[s
     seq_log, whose accepts that state holds, is emptied."""
     _execute_rows(db, _UPSERT_SEQS, list(_seq_rows(window, devices)))
     db.execute("DELETE FROM seq_log")
-
-
-@contextlib.contextmanager
-def _immediate(db: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction taken at once, committed, or rolled back on any error."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:

@@ -1,4 +1,5 @@
-"""The gateway's small SQLite side files (liveness, downlink commands): one way to open them.
+"""The gateway's SQLite files: one way to open the small side files (liveness, downlink
+commands), and one write transaction for them and the spool.
 
 The parent directory is made, the journal is WAL, the table exists. Callers use a connection
 from worker threads, one at a time, never from the event loop. The spool opens its file itself.
@@ -6,7 +7,9 @@ from worker threads, one at a time, never from the event loop. The spool opens i
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -24,3 +27,18 @@ def open_db(path: Path, schema_sql: str, *, synchronous_full: bool,
         db.execute("PRAGMA synchronous=FULL")
     db.execute(schema_sql)
     return db
+
+
+@contextlib.contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction on a connection in autocommit mode (isolation_level None): the
+    write lock taken at once (a busy file is waited for), committed at the end, rolled
+    back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
