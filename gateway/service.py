@@ -142,9 +142,10 @@ class Service:
             metrics_where = f"http://{s.metrics.bind}:{port}/metrics"
         # One subscription for downlink commands, in worker 0 (the session of a single
         # process, so changing gateway.workers keeps it); it hands other workers theirs.
-        self._publisher = Publisher(s.mqtt, s.gateway.id, spool, m, s.gateway.tenant,
+        self._publisher = publisher = Publisher(s.mqtt, s.gateway.id, spool, m, s.gateway.tenant,
                                     on_command=self._on_command if self._worker == 0 else None,
                                     worker=self._worker if self._links else None)
+        self._pipeline.broker_connected = lambda: publisher.connected
         self._publisher_task = asyncio.create_task(
             self._publisher.run(self._publisher_stop), name="publisher")
         self._background = [

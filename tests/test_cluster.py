@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import signal
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -150,3 +152,36 @@ def test_the_peer_channel_drops_forged_and_foreign_messages(
     assert target.metric(rejected, {"reason": "unknown_host"}) == 1
     assert target.metric("nbiot_gateway_uplinks_received_total") == 0
     assert target.proc is not None and target.proc.poll() is None
+
+
+def test_broker_ack_mode_answers_2_04_only_after_the_puback(
+        cluster: Callable[..., Cluster], broker: Broker,
+        subscribe: Callable[[str], Subscription]) -> None:
+    c = cluster(("h1", "h2"), ack="broker")
+    sub = subscribe("nbiot/plant/+/+/up")
+    home = c.hosts[home_of("th-1", ("h1", "h2"))]
+    assert send(home, "th-1", 1).code == aiocoap.CHANGED
+    assert home.metric("nbiot_gateway_mqtt_published_total") >= 1  # PUBACKed before the 2.04
+    assert [m["seq"] for m in sub.wait_count(1)] == [1]
+
+    # The broker stops answering: the PUBACK does not come, the device gets 5.03 with
+    # Max-Age; its retry of the same seq gets 2.04 once the broker took it.
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        reply = send(home, "th-1", 2)
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    assert reply.code == aiocoap.SERVICE_UNAVAILABLE, reply
+    assert reply.opt.max_age is not None and b"broker" in reply.payload
+    assert home.metric("nbiot_gateway_broker_ack_timeouts_total") == 1
+    assert send(home, "th-1", 2).code == aiocoap.CHANGED
+    assert sorted(m["seq"] for m in sub.wait_count(2)) == [1, 2]
+
+    # No broker at all: 5.03 before anything is spooled.
+    broker.stop()
+    wait_for(lambda: home.metric("nbiot_gateway_mqtt_connected") == 0, what="disconnected")
+    reply = send(home, "th-1", 3)
+    assert reply.code == aiocoap.SERVICE_UNAVAILABLE and reply.opt.max_age is not None
+    assert home.metric("nbiot_gateway_uplinks_rejected_total",
+                       {"reason": "broker_unavailable"}) == 1
