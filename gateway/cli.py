@@ -204,6 +204,14 @@ def cmd_run(path: Path) -> int:
         return 1
     if moved:
         logging.getLogger("gateway").info("%s", moved)
+    if settings.cluster.enabled and settings.cluster.check_uplink_queue:
+        from gateway.cluster import uplink_queue
+
+        try:
+            logging.getLogger("gateway").info("%s", uplink_queue.check(settings))
+        except uplink_queue.UplinkQueueMissing as e:
+            print(f"cannot start in cluster mode: {e}", file=sys.stderr)
+            return 1
     if workers > 1:
         from gateway import supervisor
 

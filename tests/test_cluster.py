@@ -10,6 +10,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import aiocoap
 import pytest
 
 from gateway.cluster.membership import rank
+from gateway.cluster.uplink_queue import binding_matches
 from tests.coap_raw import RawCoap, uplink_request
 from tests.conftest import DEVICES, Broker, Gateway, Subscription, free_port, wait_for
 
@@ -185,3 +188,28 @@ def test_broker_ack_mode_answers_2_04_only_after_the_puback(
     assert reply.code == aiocoap.SERVICE_UNAVAILABLE and reply.opt.max_age is not None
     assert home.metric("nbiot_gateway_uplinks_rejected_total",
                        {"reason": "broker_unavailable"}) == 1
+
+
+@pytest.mark.parametrize(("binding_key", "matches"), [
+    ("nbiot.plant.*.*.up", True), ("#", True), ("nbiot.#", True), ("nbiot.plant.#.up", True),
+    ("nbiot.plant.*.up", False), ("nbiot.other.*.*.up", False), ("nbiot.plant.*.*.status", False),
+])
+def test_uplink_binding_keys_are_matched_as_rabbitmq_does(binding_key: str,
+                                                          matches: bool) -> None:
+    assert binding_matches(binding_key, "nbiot.plant.type.device.up") is matches
+
+
+def test_cluster_mode_refuses_to_start_without_asking_the_broker_about_its_queue(
+        broker: Broker, tmp_path: Path) -> None:
+    gw = Gateway(tmp_path, broker.port)
+    unused = free_port()
+    toml = cluster_toml("h1", {"h1": free_port(socket.SOCK_DGRAM), "h2": 9})
+    toml = toml.replace("check_uplink_queue = false",
+                        f'broker_api = ["http://127.0.0.1:{unused}"]')
+    gw.write_config(toml)
+    done = subprocess.run([sys.executable, "-m", "gateway", "run", "--config",
+                           str(gw.config_path)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert done.returncode == 1
+    assert "cannot start in cluster mode" in done.stderr
+    assert f"http://127.0.0.1:{unused}" in done.stderr
