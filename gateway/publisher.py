@@ -60,9 +60,12 @@ class Publisher:
 
     def __init__(self, mqtt: MqttSection, gateway_id: str, spool: Spool, metrics: Metrics,
                  tenant: str = "", on_command: CommandHandler | None = None,
-                 worker: int | None = None) -> None:
+                 worker: int | None = None,
+                 on_command_state: Callable[[str, bytes], None] | None = None) -> None:
         self._command_filter = f"{mqtt.topic_prefix}/{tenant}/+/+/down"
         self._on_command = on_command
+        # A cluster: the command states other hosts publish ({...}/down/ack), by device id.
+        self._on_command_state = on_command_state
         self._mqtt = mqtt
         self._spool = spool
         self._metrics = metrics
@@ -157,6 +160,8 @@ class Publisher:
         commands: asyncio.Task[None] | None = None
         if self._on_command is not None:
             await client.subscribe(self._command_filter, qos=1)
+            if self._on_command_state is not None:
+                await client.subscribe(self._command_filter + "/ack", qos=1)
             commands = asyncio.create_task(self._receive_commands(client, self._on_command),
                                            name="mqtt-commands")
         try:
@@ -226,6 +231,10 @@ class Publisher:
                 return  # the connection closed
             message = getter.result()
             parts = message.topic.split("/")
+            if len(parts) == 6 and parts[4:] == ["down", "ack"] and self._on_command_state:
+                self._on_command_state(parts[3], message.payload)
+                client.ack(message)
+                continue
             # prefix/tenant/type/id/down; a retained command would come back at every
             # reconnect and be queued again after it was confirmed: ignored, and said so.
             if len(parts) != 5 or message.retain:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import gctune
+from gateway.cluster.membership import rank
 from gateway.coap import wire
 from gateway.coap.server import Address, CoapServer, UplinkSink, bind_udp
 from gateway.config import Settings, load_config
@@ -145,7 +146,9 @@ class Service:
         # process, so changing gateway.workers keeps it); it hands other workers theirs.
         self._publisher = publisher = Publisher(s.mqtt, s.gateway.id, spool, m, s.gateway.tenant,
                                     on_command=self._on_command if self._worker == 0 else None,
-                                    worker=self._worker if self._links else None)
+                                    worker=self._worker if self._links else None,
+                                    on_command_state=self._downlink.settled_elsewhere
+                                    if self._peers is not None and self._workers == 1 else None)
         self._pipeline.broker_connected = lambda: publisher.connected
         self._publisher_task = asyncio.create_task(
             self._publisher.run(self._publisher_stop), name="publisher")
@@ -292,6 +295,16 @@ class Service:
 
     async def _on_command(self, device_type: str, device_id: str, payload: bytes) -> None:
         assert self._downlink is not None
+        if self._peers is not None and self._workers == 1:
+            # Every host hears every command: the device's home host and the one that
+            # serves it when home is down keep it (it survives the loss of either); the
+            # one a device talks to delivers it, and the others drop theirs on its
+            # `confirmed` (settled_elsewhere).
+            keepers = rank(device_id, self._peers.membership.hosts)[:2]
+            if self._peers.me in keepers:
+                await self._downlink.receive(device_type, device_id, payload,
+                                             announce=keepers[0] == self._peers.me)
+            return
         if self._siblings is None or self._siblings.owns(device_id):
             await self._downlink.receive(device_type, device_id, payload)
         elif len(payload) > MAX_COMMAND_BYTES:  # the owner would refuse it: no need to send
