@@ -349,6 +349,10 @@ class Settings(BaseSettings):
     def _ingest(self) -> Settings:
         if not self.coap.enabled and not self.coaps.enabled:
             raise ValueError("coap.enabled and coaps.enabled are both false: no uplink could arrive")
+        if self.cluster.enabled and self.coaps.enabled:
+            raise ValueError("cluster.enabled with coaps.enabled: not supported yet (a DTLS "
+                             "session lives on the host the balancer picked, and its "
+                             "uplinks are not relayed to the device's owner)")
         if self.coap.enabled and self.coaps.enabled and self.coap.port == self.coaps.port:
             raise ValueError(f"coap.port and coaps.port are both {self.coap.port}: "
                              "give coaps a port of its own (5684)")
