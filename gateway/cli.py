@@ -173,7 +173,8 @@ def cmd_check_config(path: Path) -> int:
                       f"({with_psk} of {len(registry)} devices have a psk, only they can use it)")
     print(f"{path}: OK: {len(registry)} devices, {len(settings.types)} device types, "
           f"{', '.join(ingest)}, "
-          f"broker {settings.mqtt.host}:{settings.mqtt.port}, spool {settings.spool.path}")
+          f"broker {', '.join(f'{h}:{p}' for h, p in settings.mqtt.broker_addresses())}, "
+          f"spool {settings.spool.path}")
     return 0
 
 
