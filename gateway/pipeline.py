@@ -276,7 +276,7 @@ class Pipeline:
             for waiter in waiters:
                 waiter(verdict)
 
-        self._spool.append(record, on_durable, accepted_seq)
+        self._spool.append(record, on_durable, accepted_seq, waiting_since=uplink.received_mono)
 
     def _append_until_published(self, record: Record, device: Device, uplink: Uplink,
                                 ack: str | None, seq: int | None,

@@ -19,6 +19,7 @@ from gateway import gctune
 from gateway.cluster.membership import rank
 from gateway.coap import wire
 from gateway.coap.server import Address, CoapServer, UplinkSink, bind_udp
+from gateway.coap.udp import gather_s, serve_udp
 from gateway.config import Settings, load_config
 from gateway.downlink import MAX_COMMAND_BYTES, TOO_LARGE, Downlink, DownlinkStore
 from gateway.errors import ConfigError
@@ -117,15 +118,18 @@ class Service:
         if s.cluster.enabled:
             self._peers = self._cluster_channel(registry)
         if s.coap.enabled:
+            router = self._router()
             self._coap = coap = CoapServer(
                 self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
-                dedup_max_entries=s.coap.dedup_max_entries, router=self._router())
+                dedup_max_entries=s.coap.dedup_max_entries, router=router)
             if self._links is not None:
                 assert self._links.udp is not None  # bound when coap.enabled
                 sock = self._links.udp  # bound by the supervisor, SO_REUSEPORT
             else:
                 sock = bind_udp(s.coap.bind, s.coap.port)
-            await loop.create_datagram_endpoint(lambda: coap, sock=sock)
+            # A datagram another process or host would answer gets no wait here: the
+            # owner's linger could not count it.
+            serve_udp(sock, coap, 0.0 if router else gather_s(s.spool.commit_linger_ms / 1000))
             listening.append(f"coap udp {s.coap.bind} port {sock.getsockname()[1]}")
         if s.coaps.enabled and self._worker == 0:  # DTLS sessions live in worker 0
             listening.append(await self._start_dtls(every_device))

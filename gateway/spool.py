@@ -31,7 +31,8 @@ OnDurable = Callable[[bool], None]
 # What the pipeline appends: the record, who waits for it, and the seq it accepts. The
 # writer replays those accepts on its own window and saves the result in the same
 # transaction as the records, so the saved state holds exactly what was committed.
-# The last field is when it was appended (time.monotonic()), for the linger bound.
+# The last field is when the record's wait began (time.monotonic(): its uplink's receipt,
+# else its append), for the linger bound.
 _Append = tuple[Record, OnDurable | None, SeqAccept | None, float]
 # A failed batch hands the loop the replay state its devices had before it (what the
 # file still holds) and the accepts it carried, so the pipeline can roll back exactly.
@@ -379,16 +380,20 @@ class Spool:
 
     def append(self, record: Record, on_durable: OnDurable | None,
                accepted_seq: SeqAccept | None = None,
-               on_published: Callable[[], None] | None = None) -> None:
+               on_published: Callable[[], None] | None = None,
+               waiting_since: float | None = None) -> None:
         """Queue a record; `on_durable(True)` runs on the loop once it is committed.
         `accepted_seq` updates the device's saved replay window in the same transaction.
-        `on_published` runs once the broker acknowledged it (the publisher deletes it)."""
+        `on_published` runs once the broker acknowledged it (the publisher deletes it).
+        `waiting_since` (time.monotonic(), default now): when its uplink was received; the
+        linger counts from there, so a wait before the append does not add to it."""
         if on_published is not None:
             self._awaiting_commit[id(record)] = on_published
         self._bytes += record_size(record)
         self._uncommitted += 1
         self._drained.clear()
-        self._queue.put((record, on_durable, accepted_seq, time.monotonic()))
+        self._queue.put((record, on_durable, accepted_seq,
+                         time.monotonic() if waiting_since is None else waiting_since))
 
     async def wait_committed(self) -> None:
         """Return once everything appended so far is durable (or failed)."""

@@ -87,6 +87,7 @@ class CoapServer(asyncio.DatagramProtocol):
         self._reply_expiry: deque[tuple[float, tuple[Address, int]]] = deque()
         self._blocks: dict[tuple[Address, tuple[bytes, ...]], _BlockTransfer] = {}
         self._next_mid = int.from_bytes(os.urandom(2), "big")
+        self._received: tuple[float, float] | None = None  # the batch's (wall, monotonic)
 
     # -- asyncio plumbing ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -106,6 +107,17 @@ class CoapServer(asyncio.DatagramProtocol):
         except Exception:  # task boundary: one datagram must never stop the server
             log.exception("unexpected error handling a datagram from %s", _fmt(addr))
             self._metrics.malformed_datagrams.inc()
+
+    def datagrams_received(self, datagrams: list[tuple[bytes, Address]],
+                           received: tuple[float, float]) -> None:
+        """Datagrams read together (gateway/coap/udp.py), each stamped with the time the
+        batch was noticed: a wait before reading counts in its uplinks' latency."""
+        self._received = received
+        try:
+            for data, addr in datagrams:
+                self.datagram_received(data, addr)
+        finally:
+            self._received = None
 
     def _receive(self, data: bytes, addr: Address) -> None:
         try:
@@ -148,7 +160,7 @@ class CoapServer(asyncio.DatagramProtocol):
                                                   C.CONTENT_FORMAT_TEXT), None)
 
     def _request(self, msg: wire.Message, addr: Address, key: tuple[Address, int]) -> None:
-        received_at, received_mono = time.time(), time.monotonic()
+        received_at, received_mono = self._received or (time.time(), time.monotonic())
         path: list[str] = []
         query: list[str] = []
         content_format: int | None = None

@@ -1,0 +1,197 @@
+"""The plain-CoAP socket's transport: reads datagrams in batches, and at moderate rates lets
+them gather for a few ms first, so one wake-up of the event loop serves several uplinks.
+
+At 667 uplinks/s every datagram used to get a loop wake-up of its own (epoll, two receive
+calls, the interpreter's cold start on each), which made an uplink cost 1.7-2x what it
+costs a busy gateway (docs/decisions.md, "Receiving in batches"). The wait never makes a
+reply later than the spool's commit linger already does: every datagram of a batch is
+stamped with the time the batch was noticed, and the spool's linger counts from it. It
+never drops a datagram it read, and a busy socket is read at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+# Datagrams read per loop turn at most, so replies and commits interleave with a storm.
+MAX_BATCH = 64
+# Above this arrival rate the socket is read as soon as it is readable: a gateway this busy
+# batches by itself (datagrams queue while it works), and a wait could leave it idle with
+# datagrams waiting. Well under one loop's saturation (~14,000/s here).
+GATHER_BELOW_PER_S = 6000.0
+RATE_WINDOW_S = 0.1  # the arrival rate is judged over at least this long
+RECV_BYTES = 65_535
+# How long a readable socket waits, at most, and as a share of the spool's commit linger.
+GATHER_MAX_S = 0.010
+GATHER_SHARE_OF_LINGER = 1 / 3
+
+Address = tuple[Any, ...]
+Received = tuple[float, float]  # (time.time(), time.monotonic()) when a batch was noticed
+
+
+class BatchSink(Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def error_received(self, exc: Exception) -> None: ...
+
+    def datagrams_received(self, datagrams: list[tuple[bytes, Address]],
+                           received: Received) -> None: ...
+
+
+class GatheringUdpTransport(asyncio.DatagramTransport):
+    """A datagram transport over a bound, non-blocking UDP socket. `gather_s` (0: none) is
+    how long a readable socket may wait before it is read while arrivals are moderate."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sink: BatchSink,
+                 gather_s: float) -> None:
+        super().__init__({"socket": sock, "sockname": sock.getsockname()})
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._sink = sink
+        self._gather_s = gather_s
+        self._closing = False
+        self._watching = False
+        self._noticed: Received | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._unsent: deque[tuple[bytes, Address]] = deque()  # the socket's buffer was full
+        self._window_start = loop.time()
+        self._window_count = 0
+        self._gathering = gather_s > 0
+
+    def start(self) -> None:
+        self._sink.connection_made(self)
+        self._watch()
+
+    # -- receiving ---------------------------------------------------------------------
+    def _watch(self) -> None:
+        if not self._watching and not self._closing:
+            self._loop.add_reader(self._fd, self._readable)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._loop.remove_reader(self._fd)
+            self._watching = False
+
+    def _readable(self) -> None:
+        if self._noticed is None:
+            self._noticed = (time.time(), time.monotonic())
+        if self._gathering:
+            # One wake-up for what arrives in the next few ms (the device waits 0.4-5 s for
+            # its reply; the spool's linger, counted from `noticed`, absorbs the wait).
+            self._unwatch()
+            self._timer = self._loop.call_later(self._gather_s, self._gathered)
+            return
+        self._read()
+
+    def _gathered(self) -> None:
+        self._timer = None
+        self._read()
+        self._watch()
+
+    def _read(self) -> None:
+        noticed, self._noticed = self._noticed, None
+        assert noticed is not None
+        datagrams: list[tuple[bytes, Address]] = []
+        recvfrom = self._sock.recvfrom
+        while len(datagrams) < MAX_BATCH:
+            try:
+                datagrams.append(recvfrom(RECV_BYTES))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # an ICMP error queued on the socket: not a datagram
+                self._sink.error_received(e)
+        if datagrams:
+            self._sink.datagrams_received(datagrams, noticed)
+        self._judge_rate(len(datagrams))
+
+    def _judge_rate(self, count: int) -> None:
+        """Gather only while datagrams arrive below GATHER_BELOW_PER_S."""
+        if not self._gather_s:
+            return
+        self._window_count += count
+        elapsed_s = self._loop.time() - self._window_start
+        if elapsed_s >= RATE_WINDOW_S:
+            self._gathering = self._window_count < GATHER_BELOW_PER_S * elapsed_s
+            self._window_start += elapsed_s
+            self._window_count = 0
+
+    # -- sending -----------------------------------------------------------------------
+    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
+        if self._closing:
+            return
+        if not self._unsent:
+            try:
+                self._sock.sendto(data, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                self._loop.add_writer(self._fd, self._write_unsent)
+            except OSError as e:
+                self._sink.error_received(e)
+                return
+        self._unsent.append((bytes(data), addr))
+
+    def _write_unsent(self) -> None:
+        while self._unsent:
+            data, addr = self._unsent[0]
+            try:
+                self._sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._sink.error_received(e)
+            self._unsent.popleft()
+        self._loop.remove_writer(self._fd)
+
+    def get_write_buffer_size(self) -> int:
+        return sum(len(data) for data, _ in self._unsent)
+
+    # -- the end -----------------------------------------------------------------------
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._unwatch()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._unsent:
+            self._loop.remove_writer(self._fd)
+            self._unsent.clear()
+        self._loop.call_soon(self._closed)
+
+    def abort(self) -> None:
+        self.close()
+
+    def _closed(self) -> None:
+        try:
+            self._sink.connection_lost(None)
+        finally:
+            self._sock.close()
+
+
+def serve_udp(sock: socket.socket, sink: BatchSink, gather_s: float) -> GatheringUdpTransport:
+    """Start reading `sock` (bound, non-blocking) into `sink` on the running loop."""
+    transport = GatheringUdpTransport(asyncio.get_running_loop(), sock, sink, gather_s)
+    transport.start()
+    return transport
+
+
+def gather_s(commit_linger_s: float) -> float:
+    """The wait before reading a readable socket, for a spool lingering `commit_linger_s`."""
+    import os
+    if "NBG_GATHER_MS" in os.environ:  # EXPERIMENT
+        return float(os.environ["NBG_GATHER_MS"]) / 1000
+    return min(GATHER_MAX_S, commit_linger_s * GATHER_SHARE_OF_LINGER)
