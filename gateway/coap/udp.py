@@ -28,9 +28,8 @@ MAX_BATCH = 64
 GATHER_BELOW_PER_S = 6000.0
 RATE_WINDOW_S = 0.1  # the arrival rate is judged over at least this long
 RECV_BYTES = 65_535
-# How long a readable socket waits, at most, and as a share of the spool's commit linger.
-GATHER_MAX_S = 0.010
-GATHER_SHARE_OF_LINGER = 1 / 3
+# A readable socket waits as long as the spool's commit linger, at most this long.
+GATHER_MAX_S = 0.050
 
 Address = tuple[Any, ...]
 Received = tuple[float, float]  # (time.time(), time.monotonic()) when a batch was noticed
@@ -62,7 +61,7 @@ class GatheringUdpTransport(asyncio.DatagramTransport):
         self._closing = False
         self._watching = False
         self._noticed: Received | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._unsent: deque[tuple[bytes, Address]] = deque()  # the socket's buffer was full
         self._window_start = loop.time()
         self._window_count = 0
@@ -84,23 +83,20 @@ class GatheringUdpTransport(asyncio.DatagramTransport):
             self._watching = False
 
     def _readable(self) -> None:
-        if self._noticed is None:
-            self._noticed = (time.time(), time.monotonic())
+        self._noticed = (time.time(), time.monotonic())
+        self._unwatch()
         if self._gathering:
             # One wake-up for what arrives in the next few ms (the device waits 0.4-5 s for
             # its reply; the spool's linger, counted from `noticed`, absorbs the wait).
-            self._unwatch()
-            self._timer = self._loop.call_later(self._gather_s, self._gathered)
-            return
-        self._read()
-
-    def _gathered(self) -> None:
-        self._timer = None
-        self._read()
-        self._watch()
+            self._timer = self._loop.call_later(self._gather_s, self._read)
+        else:
+            self._read()
 
     def _read(self) -> None:
-        noticed, self._noticed = self._noticed, None
+        """Read up to MAX_BATCH datagrams; if there were that many, read on at the next loop
+        turn, the rest still stamped with the time the first was noticed."""
+        self._timer = None
+        noticed = self._noticed
         assert noticed is not None
         datagrams: list[tuple[bytes, Address]] = []
         recvfrom = self._sock.recvfrom
@@ -114,6 +110,13 @@ class GatheringUdpTransport(asyncio.DatagramTransport):
         if datagrams:
             self._sink.datagrams_received(datagrams, noticed)
         self._judge_rate(len(datagrams))
+        if self._closing:
+            return
+        if len(datagrams) == MAX_BATCH:
+            self._timer = self._loop.call_soon(self._read)
+        else:
+            self._noticed = None
+            self._watch()
 
     def _judge_rate(self, count: int) -> None:
         """Gather only while datagrams arrive below GATHER_BELOW_PER_S."""
@@ -194,4 +197,4 @@ def gather_s(commit_linger_s: float) -> float:
     import os
     if "NBG_GATHER_MS" in os.environ:  # EXPERIMENT
         return float(os.environ["NBG_GATHER_MS"]) / 1000
-    return min(GATHER_MAX_S, commit_linger_s * GATHER_SHARE_OF_LINGER)
+    return min(GATHER_MAX_S, commit_linger_s)

@@ -280,6 +280,11 @@ class Exchange:
                 return
         elif not self.nat.inbound_allowed(generation, at):
             return
+        if data == wire.encode_ack(C.CHANGED, self.mid, self.token):
+            # The reply nearly every report gets, a bare 2.04: no Message decoded for it.
+            self.code = C.CHANGED
+            self.finish(Outcome.ACKED, at)
+            return
         try:
             msg = wire.decode(data)
         except wire.CoapFormatError:

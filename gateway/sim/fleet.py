@@ -2,8 +2,9 @@
 with --processes): wakes each device at its report time, caps how many are awake at once
 (one socket each), runs one Exchange per wake, and books every outcome in the Ledger.
 
-Timer handles, not tasks: 40,000 sleeping devices are 40,000 entries in the loop's heap.
-It never holds a socket for a sleeping device (the fd limit here is 20,000).
+Wakes gathered into ticks, not tasks: 40,000 sleeping devices are entries in a dict of
+TICK_S slots, one loop timer per slot that has any. It never holds a socket for a
+sleeping device (the fd limit here is 20,000).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import random
 import time
 from collections import deque
@@ -38,6 +40,13 @@ from gateway.sim.radio import Coverage
 # new report for an old one (as long as a device sends under 1,000 reports a second).
 SEQ_EPOCH_MS = 1_700_000_000_000
 FAULTY_SHARE = {"steady": 0.01, "storm": 0.01, "faulty": 0.3}
+# Device wakes due within one tick share a loop timer: a wake is up to this late, against
+# radio latencies of 80 ms to 3 s. One timer per device cost a loop iteration per report
+# (docs/decisions.md, "The simulator, second pass"); the gateway reads its socket in
+# batches of its commit linger at these rates, so the ticks do not make it cheaper.
+TICK_S = 0.010
+import os  # EXPERIMENT
+_EXPERIMENT_TICK_S = float(os.environ.get("NBG_TICK_MS", "10")) / 1000
 
 
 @dataclass(slots=True)
@@ -70,7 +79,8 @@ class SimDevice:
     encoder: ReportEncoder
     next_at: float = 0.0
     report: Report | None = None
-    handle: asyncio.TimerHandle | None = None
+    handle: asyncio.TimerHandle | None = None  # a retry after 5.03 / 4.29 (Max-Age)
+    ticking: bool = False  # its next wake waits in the Fleet's ticks
     unconfirmed_command: str | None = None  # applied, to be confirmed in the next report
 
 
@@ -169,6 +179,8 @@ class Fleet:
         self.stopping = False
         self._idle = asyncio.Event()
         self._end_at = float("inf")
+        self._ticks: dict[int, list[SimDevice]] = {}  # tick number -> devices waking then
+        self._tick_timers: dict[int, asyncio.TimerHandle] = {}
         for device in devices:
             ledger.first_seq(device.device_id, device.seq)
 
@@ -183,15 +195,22 @@ class Fleet:
             window = self.sim.storm_window_s if storm else device.interval_s
             device.next_at = now + self.rng.uniform(0, window)
             if device.next_at < self._end_at:
-                device.handle = self.loop.call_at(device.next_at, self._wake, device)
+                self._wake_at(device)
 
     def stop(self) -> None:
         """No new reports from now on; reports waiting for a retry are abandoned."""
         self.stopping = True
+        for timer in self._tick_timers.values():
+            timer.cancel()
+        self._tick_timers.clear()
+        self._ticks.clear()
         for device in self.devices:
             if device.handle is not None:
                 device.handle.cancel()
                 device.handle = None
+                self._abandon(device)
+            elif device.ticking:
+                device.ticking = False
                 self._abandon(device)
         while self.waiting:
             self._abandon(self.waiting.popleft())
@@ -212,6 +231,26 @@ class Fleet:
             self.ledger.report_given_up((device.device_id, report.seq), "abandoned")
 
     # -- one device ------------------------------------------------------------------
+    def _wake_at(self, device: SimDevice) -> None:
+        """Wake `device` at the first tick not before its `next_at`."""
+        if _EXPERIMENT_TICK_S == 0:  # EXPERIMENT
+            device.handle = self.loop.call_at(device.next_at, self._wake, device)
+            return
+        tick = math.ceil(device.next_at / TICK_S)
+        devices = self._ticks.get(tick)
+        if devices is None:
+            self._ticks[tick] = [device]
+            self._tick_timers[tick] = self.loop.call_at(tick * TICK_S, self._tick, tick)
+        else:
+            devices.append(device)
+        device.ticking = True
+
+    def _tick(self, tick: int) -> None:
+        del self._tick_timers[tick]
+        for device in self._ticks.pop(tick):
+            device.ticking = False
+            self._wake(device)
+
     def _wake(self, device: SimDevice) -> None:
         device.handle = None
         if self.stopping:
@@ -330,4 +369,4 @@ class Fleet:
         device.next_at += device.interval_s * (1 + self.rng.uniform(-jitter, jitter))
         device.next_at = max(device.next_at, now)
         if device.next_at < self._end_at:
-            device.handle = self.loop.call_at(device.next_at, self._wake, device)
+            self._wake_at(device)
