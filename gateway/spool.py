@@ -101,9 +101,14 @@ _UPSERT_SEQS = (
 )
 # Rows per multi-row statement, at most (SQLite allows 32,766 parameters per statement).
 MAX_ROWS_PER_STATEMENT = 512
+# Up to this many rows go in one statement of their exact size: a commit of ~21 records at
+# 667/s was 3 + 3 statements of power-of-two chunks (16 + 4 + 1), each with its own step
+# and GIL hand-over. Sizes 1-64 of three statements: within the connection's cache.
+EXACT_ROWS_MAX = 64
+CACHED_STATEMENTS = 256
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=CACHED_STATEMENTS)
 def _multirow_sql(head: str, tail: str, width: int, rows: int) -> str:
     values = "(" + ",".join("?" * width) + ")"
     return f"{head} {','.join([values] * rows)} {tail}"
@@ -111,14 +116,17 @@ def _multirow_sql(head: str, tail: str, width: int, rows: int) -> str:
 
 def _execute_rows(db: sqlite3.Connection, statement: tuple[str, str, int],
                   rows: list[tuple[object, ...]]) -> None:
-    """Run a multi-row INSERT over `rows` in power-of-two chunks (so few distinct statements
-    are prepared). Python's sqlite3 releases and retakes the GIL around every step, and
-    `executemany` steps once per row: on a busy event loop each retake waits, and one
-    step per chunk cut the gateway's CPU per uplink by ~18% (docs/decisions.md)."""
+    """Run a multi-row INSERT over `rows`: in one statement up to EXACT_ROWS_MAX rows, else
+    in power-of-two chunks (so few distinct statements are prepared). Python's sqlite3
+    releases and retakes the GIL around every step, and `executemany` steps once per row:
+    on a busy event loop each retake waits, and one step per chunk cut the gateway's CPU
+    per uplink by ~18% (docs/decisions.md)."""
     head, tail, width = statement
     done, total = 0, len(rows)
     while done < total:
-        size = min(MAX_ROWS_PER_STATEMENT, 1 << ((total - done).bit_length() - 1))
+        left = total - done
+        size = left if left <= EXACT_ROWS_MAX else min(MAX_ROWS_PER_STATEMENT,
+                                                       1 << (left.bit_length() - 1))
         chunk = rows[done:done + size]
         db.execute(_multirow_sql(head, tail, width, size), [v for row in chunk for v in row])
         done += size
@@ -155,7 +163,8 @@ def _log_row(accepted: SeqAccept) -> tuple[str, int, float | None, int]:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                         cached_statements=CACHED_STATEMENTS)
     db.execute(f"PRAGMA page_size={PAGE_SIZE_BYTES}")  # a new file only; see _repage
     db.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk when COMMIT returns, even if the machine loses power.

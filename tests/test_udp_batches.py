@@ -1,0 +1,95 @@
+"""The CoAP socket's transport (gateway/coap/udp.py): datagrams read in batches, each batch
+stamped with the time its first datagram was noticed, none lost past a full batch, and
+replies sent from the same socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from gateway.coap.udp import MAX_BATCH, Address, GatheringUdpTransport, Received, serve_udp
+from gateway.coap.udp import gather_s as gather_for_linger
+
+
+class Batches:
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[tuple[bytes, Address]], Received]] = []
+        self.transport: GatheringUdpTransport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, GatheringUdpTransport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+    def error_received(self, exc: Exception) -> None:
+        raise AssertionError(f"unexpected socket error: {exc}")
+
+    def datagrams_received(self, datagrams: list[tuple[bytes, Address]],
+                           received: Received) -> None:
+        self.batches.append((datagrams, received))
+
+    def datagrams(self) -> list[bytes]:
+        return [data for batch, _ in self.batches for data, _ in batch]
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def until(condition: object, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_burst_larger_than_a_batch_is_read_whole_in_order_under_one_stamp() -> None:
+    server, client = bound_socket(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent = [f"datagram {i}".encode() for i in range(2 * MAX_BATCH + 7)]
+    for data in sent:  # all waiting in the socket before it is read
+        client.sendto(data, server.getsockname())
+    sink = Batches()
+    transport = serve_udp(server, sink, gather_s=0.002)
+    try:
+        await until(lambda: len(sink.datagrams()) == len(sent))
+
+        assert sink.datagrams() == sent
+        assert [len(batch) for batch, _ in sink.batches] == [MAX_BATCH, MAX_BATCH, 7]
+        # Read on at once, each stamped with the time the first was noticed: a datagram
+        # left for the next batch is not stamped as if it had just arrived.
+        assert len({received for _, received in sink.batches}) == 1
+    finally:
+        transport.close()
+        client.close()
+    assert await sink.lost is None
+    assert server.fileno() == -1
+
+
+async def test_replies_leave_from_the_served_socket() -> None:
+    server, client = bound_socket(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(5)
+    sink = Batches()
+    transport = serve_udp(server, sink, gather_s=0.0)
+    try:
+        client.sendto(b"ping", server.getsockname())
+        await until(lambda: sink.datagrams() == [b"ping"])
+        (((_, addr),), _) = sink.batches[0]
+
+        transport.sendto(b"pong", addr)
+
+        assert await asyncio.to_thread(client.recvfrom, 100) == (b"pong", server.getsockname())
+    finally:
+        transport.close()
+        client.close()
+
+
+def test_the_wait_before_reading_is_the_commit_linger_and_never_long() -> None:
+    assert gather_for_linger(0.0) == 0.0  # no linger: read at once, as before
+    assert gather_for_linger(0.030) == 0.030
+    assert gather_for_linger(1.0) <= 0.050
