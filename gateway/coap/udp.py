@@ -194,7 +194,4 @@ def serve_udp(sock: socket.socket, sink: BatchSink, gather_s: float) -> Gatherin
 
 def gather_s(commit_linger_s: float) -> float:
     """The wait before reading a readable socket, for a spool lingering `commit_linger_s`."""
-    import os
-    if "NBG_GATHER_MS" in os.environ:  # EXPERIMENT
-        return float(os.environ["NBG_GATHER_MS"]) / 1000
     return min(GATHER_MAX_S, commit_linger_s)

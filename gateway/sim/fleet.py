@@ -45,8 +45,6 @@ FAULTY_SHARE = {"steady": 0.01, "storm": 0.01, "faulty": 0.3}
 # (docs/decisions.md, "The simulator, second pass"); the gateway reads its socket in
 # batches of its commit linger at these rates, so the ticks do not make it cheaper.
 TICK_S = 0.010
-import os  # EXPERIMENT
-_EXPERIMENT_TICK_S = float(os.environ.get("NBG_TICK_MS", "10")) / 1000
 
 
 @dataclass(slots=True)
@@ -233,9 +231,6 @@ class Fleet:
     # -- one device ------------------------------------------------------------------
     def _wake_at(self, device: SimDevice) -> None:
         """Wake `device` at the first tick not before its `next_at`."""
-        if _EXPERIMENT_TICK_S == 0:  # EXPERIMENT
-            device.handle = self.loop.call_at(device.next_at, self._wake, device)
-            return
         tick = math.ceil(device.next_at / TICK_S)
         devices = self._ticks.get(tick)
         if devices is None:
