@@ -1,24 +1,22 @@
 """The plain-CoAP socket's transport: reads datagrams in batches, and at moderate rates lets
-them gather for a few ms first, so one wake-up of the event loop serves several uplinks.
+them gather for the spool's commit linger first, so one wake-up of the event loop serves
+the uplinks that will share a commit anyway.
 
 At 667 uplinks/s every datagram used to get a loop wake-up of its own (epoll, two receive
-calls, the interpreter's cold start on each), which made an uplink cost 1.7-2x what it
-costs a busy gateway (docs/decisions.md, "Receiving in batches"). The wait never makes a
-reply later than the spool's commit linger already does: every datagram of a batch is
-stamped with the time the batch was noticed, and the spool's linger counts from it. It
-never drops a datagram it read, and a busy socket is read at once.
+calls, cold caches each time), which made an uplink cost 1.7-2x what it costs a busy
+gateway (docs/decisions.md, "Receiving in batches"). The wait never makes a reply later
+than the linger already did: every datagram of a batch is stamped with the time the batch
+was noticed, and the spool's linger counts from that stamp. It never drops a datagram it
+read, and a busy socket is read at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import time
 from collections import deque
 from typing import Any, Protocol
-
-log = logging.getLogger(__name__)
 
 # Datagrams read per loop turn at most, so replies and commits interleave with a storm.
 MAX_BATCH = 64
