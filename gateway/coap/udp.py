@@ -92,7 +92,10 @@ class GatheringUdpTransport(asyncio.DatagramTransport):
 
     def _read(self) -> None:
         """Read up to MAX_BATCH datagrams; if there were that many, read on at the next loop
-        turn, the rest still stamped with the time the first was noticed."""
+        turn. While gathering, what is left arrived during the wait and keeps the batch's
+        stamp (a storm ends the gathering within RATE_WINDOW_S); a busy socket's next read
+        is stamped when it is read, as the loop's own transport did (a socket that never
+        drains would otherwise age one stamp forever)."""
         self._timer = None
         noticed = self._noticed
         assert noticed is not None
@@ -111,6 +114,8 @@ class GatheringUdpTransport(asyncio.DatagramTransport):
         if self._closing:
             return
         if len(datagrams) == MAX_BATCH:
+            if not self._gathering:
+                self._noticed = (time.time(), time.monotonic())
             self._timer = self._loop.call_soon(self._read)
         else:
             self._noticed = None
