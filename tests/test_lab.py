@@ -4,7 +4,9 @@ removed, a CoAP exchange through the VIP, a dead backend's devices moved. Root o
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import os
 import re
 import signal
@@ -18,6 +20,8 @@ import pytest
 
 from gateway.lab.balancer import LabBalancer, lab_balancer
 from gateway.lab.netns import Lab, LabError, leftovers
+from gateway.lab.rabbit import RabbitCluster
+from gateway.mqtt import MqttClient
 from gateway.tools.balancer import SLOTS, Backend, assign_slots, render_ruleset, render_slot_maps
 from tests.conftest import ROOT, wait_for
 
@@ -207,3 +211,47 @@ def test_a_killed_backends_devices_move_to_the_others_and_only_they_move(
             assert len(after[port] - {victim}) == 1, (port, after[port])
         else:  # everyone else stayed where they were
             assert after[port] == {host}, (port, after[port])
+
+
+# -- the broker cluster -------------------------------------------------------------------
+async def publish_acked(cluster: RabbitCluster, address: str, client_id: str,
+                        uplinks: list[dict[str, object]]) -> None:
+    host, port = address.split(":")
+    client = await MqttClient.connect(host, int(port), client_id=client_id,
+                                      username=cluster.user, password=cluster.password)
+    for uplink in uplinks:
+        await client.publish_and_wait(f"nbiot/plant/{uplink['device_id']}/t1/up",
+                                      json.dumps(uplink).encode())
+    await client.disconnect()
+
+
+async def durable_session(cluster: RabbitCluster, address: str, client_id: str) -> None:
+    host, port = address.split(":")
+    client = await MqttClient.connect(host, int(port), client_id=client_id, clean_session=False,
+                                      username=cluster.user, password=cluster.password)
+    await client.subscribe("nbiot/plant/+/+/down", qos=1)
+    await client.disconnect()
+
+
+def test_the_rabbitmq_cluster_keeps_a_pubacked_uplink_in_its_quorum_queue_with_a_node_down(
+        tmp_path: Path) -> None:
+    with lab("nbtg", hosts=1, brokers=3, workdir=tmp_path) as built, \
+            RabbitCluster(built, nodes=3) as cluster:
+        print(f"\nrabbitmq: nodes serving after {cluster.start_seconds} s (started at once)")
+        cluster.declare_uplink_queue("uplinks", "nbiot.plant.*.*.up")
+        bound = cluster.bindings_for("nbiot/plant/d1/t1/up"), cluster.bindings_for("nbiot/x/up")
+        b1, b2, b3 = cluster.mqtt_addresses()
+        asyncio.run(publish_acked(cluster, b2, "pub-1", [{"device_id": "d1", "seq": 1}]))
+        asyncio.run(durable_session(cluster, b3, "sub-1"))
+        cluster.kill9("b2")
+        asyncio.run(publish_acked(cluster, b1, "pub-2", [{"device_id": "d1", "seq": 2}]))
+        delivered = cluster.read_queue("uplinks", 10)
+        queues = {q["name"]: q for q in cluster.queues()}
+        members = set(cluster.queue_info("uplinks")["members"])
+    assert bound == (["uplinks"], [])
+    assert [(key, json.loads(body)["seq"]) for key, body in delivered] == [
+        ("nbiot.plant.d1.t1.up", 1), ("nbiot.plant.d1.t1.up", 2)]
+    assert members == {n.node for n in cluster.nodes}
+    assert queues["uplinks"]["type"] == "quorum"
+    assert queues["mqtt-subscription-sub-1qos1"]["type"] == "quorum"  # durable MQTT sessions
+    assert leftovers("nbtg") == []

@@ -339,7 +339,7 @@ class Lab:
 
     def _remove(self, namespaces: list[str], root_links: list[str]) -> None:
         for ns in namespaces:
-            self._kill_everything_in(ns)
+            self.kill_everything_in(ns)
         for link in root_links:  # one end of a veth takes its peer along, synchronously
             _ip("link", "del", link, check=False)
         for ns in namespaces:
@@ -348,10 +348,10 @@ class Lab:
         if still:
             raise LabError(f"could not remove {', '.join(still)}")
 
-    @staticmethod
-    def _kill_everything_in(ns: str) -> None:
-        """SIGKILL every process in `ns` (daemons that left our process groups, like epmd)
-        and wait for them: a namespace with a live process outlives its deletion."""
+    def kill_everything_in(self, ns: str) -> None:
+        """SIGKILL every process in namespace `ns` (short or kernel name), daemons that left
+        our process groups (epmd) included, and wait until they are gone."""
+        ns = ns if ns.startswith(f"{self.prefix}-") else self.netns(ns)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline:
             pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()]
