@@ -70,7 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
         description="A broker, the gateway and an open-loop fleet (a fresh UDP socket per "
                     "uplink) for --duration; a line per sample, then the least-squares trend "
                     "of each figure after the warm-up. Exit 1 if anything acked was lost."))
+    _balancer_args(sub.add_parser(
+        "balancer", help="run the gateway cluster's UDP balancer (nf_tables) and its health "
+                         "checker on this host (root)",
+        description="Install an nf_tables table that spreads datagrams to --vip over the "
+                    "--backend gateway hosts by a hash of the device's address and port "
+                    "(stateless NAT: the hosts see the device's own address, replies leave "
+                    "from the VIP), CoAP-ping every backend, move a dead one's devices to the "
+                    "others, and remove the table on SIGTERM. See docs/operations.md."))
     return parser
+
+
+def _balancer_args(p: argparse.ArgumentParser) -> None:
+    from gateway.tools import balancer
+
+    p.add_argument("--vip", required=True, help="the address devices send to (on this host)")
+    p.add_argument("--port", type=int, default=balancer.COAP_PORT, dest="vip_port",
+                   help="the VIP's UDP port (default: %(default)s)")
+    p.add_argument("--backend", action="append", required=True, dest="backends",
+                   metavar="NAME=IP[:PORT]",
+                   help="a gateway host, once for each (port default: 5683)")
+    p.add_argument("--interval", type=float, default=balancer.PROBE_INTERVAL_S,
+                   dest="interval_s", help="seconds between CoAP pings (default: %(default)s)")
+    p.add_argument("--down-after", type=int, default=balancer.DOWN_AFTER_MISSES,
+                   help="missed pings in a row that take a backend out (default: %(default)s)")
+    p.add_argument("--up-after", type=int, default=balancer.UP_AFTER_ANSWERS,
+                   help="answered pings in a row that bring it back (default: %(default)s)")
+    p.add_argument("--slots", type=int, default=balancer.SLOTS,
+                   help="hash slots spread over the backends (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics and /readyz on this port")
+    p.add_argument("--metrics-bind", default="127.0.0.1",
+                   help="address of the metrics endpoint (default: %(default)s)")
 
 
 def _rates(text: str) -> list[float]:
@@ -284,7 +314,21 @@ def main(argv: list[str] | None = None) -> int:
                         duration_s=args.duration_s, sample_s=args.sample_s,
                         warmup_s=args.warmup_s, json_out=args.json_path,
                         loadgen_procs=args.loadgen_procs)
+    if args.command == "balancer":
+        return cmd_balancer(args)
     raise AssertionError(args.command)
+
+
+def cmd_balancer(args: argparse.Namespace) -> int:
+    from gateway.tools.balancer import Balancer, BalancerError, parse_backend, run_balancer
+
+    try:
+        balancer = Balancer(args.vip, [parse_backend(b) for b in args.backends], args.vip_port,
+                            args.slots, args.interval_s, args.down_after, args.up_after)
+    except BalancerError as e:
+        print(f"balancer: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_balancer(balancer, args.metrics_bind, args.metrics_port)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
