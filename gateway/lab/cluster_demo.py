@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,11 +87,13 @@ class Report:
 
 # -- configuration of each piece ------------------------------------------------------------
 def host_config(lab: Lab, rabbit: RabbitCluster, name: str, ack: str, secret: str,
-                workdir: Path) -> Path:
+                workdir: Path, hosts: Sequence[str] = HOSTS) -> Path:
+    """Gateway host `name`'s config file in `workdir`, in a cluster of `hosts`; its spool in
+    `workdir/name/`, the registry `workdir/devices.csv`."""
     ip = lab.backbone_ip(name)
     brokers = ", ".join(f'"{a}"' for a in rabbit.mqtt_addresses())
     apis = ", ".join(f'"http://{n.ip}:15672"' for n in rabbit.nodes)
-    hosts = "\n".join(f'{h} = "{lab.backbone_ip(h)}:{PEER_PORT}"' for h in HOSTS)
+    peers = "\n".join(f'{h} = "{lab.backbone_ip(h)}:{PEER_PORT}"' for h in hosts)
     base = SHIPPED_CONFIG.read_text()
     text = (f'[gateway]\nid = "gw-{name}"\ntenant = "plant"\nshutdown_grace_s = 5.0\n\n'
             f'[coap]\nbind = "{ip}"\nport = {lab.vip_port}\noverload_max_age_s = 5\n\n'
@@ -101,7 +103,7 @@ def host_config(lab: Lab, rabbit: RabbitCluster, name: str, ack: str, secret: st
             f'[metrics]\nbind = "{ip}"\nport = {METRICS_PORT}\n\n'
             f'[registry]\npath = "{workdir / "devices.csv"}"\n\n'
             f'[cluster]\nenabled = true\nhost = "{name}"\nsecret = "{secret}"\nack = "{ack}"\n'
-            f'broker_api = [{apis}]\n\n[cluster.hosts]\n{hosts}\n\n'
+            f'broker_api = [{apis}]\n\n[cluster.hosts]\n{peers}\n\n'
             + base[base.index("[types."):])
     path = workdir / f"{name}.toml"
     path.write_text(text)

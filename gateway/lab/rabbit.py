@@ -292,6 +292,9 @@ log.file = false
         return [(m["routing_key"], base64.b64decode(m["payload"]) if m["payload_encoding"]
                  == "base64" else m["payload"].encode()) for m in got]
 
+    def purge_queue(self, name: str) -> None:
+        self._api_any("DELETE", f"/api/queues/%2F/{urllib.parse.quote(name, safe='')}/contents")
+
     def drain_queue(self, name: str, batch: int = 5_000) -> list[tuple[str, bytes]]:
         """Everything in queue `name` now, removed."""
         out: list[tuple[str, bytes]] = []
