@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -229,8 +230,8 @@ class ScaleBench:
                     raise DemoFailed(f"gateway {h} exited {procs[h].returncode}: "
                                      f"{tail(d / f'{h}.log')}")
                 m = scrape(lab.backbone_ip(h), METRICS_PORT)
-                alive = m.get(NS + "cluster_hosts_alive", 1.0)
-                return m.get(NS + "mqtt_connected") == 1 and alive == len(hosts)
+                hearing = len(hosts) == 1 or m.get(NS + "cluster_hosts_alive") == len(hosts)
+                return m.get(NS + "mqtt_connected") == 1 and hearing
 
             wait_until(lambda: all(ready(h) for h in hosts), READY_TIMEOUT_S,
                        f"{step.name}: every host connected and hearing its peers")
@@ -333,33 +334,29 @@ def fmt(value: float | None, spec: str = ",.0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def table(head: str, rows: list[str]) -> None:
+    print("\n".join([head, "-" * len(head), *rows]) + "\n")
+
+
 def print_tables(results: list[StepResult]) -> None:
-    head = (f"{'step':<22}{'host':<6}{'from devices':>13}{'accepted':>10}{'forwarded':>11}"
-            f"{'relayed in':>12}{'cpu s':>8}{'us/accepted':>13}{'us/datagram':>13}"
-            f"{'idle ms/s':>11}")
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        for i, h in enumerate(r.hosts):
-            name = r.step.name if i == 0 else ""
-            print(f"{name:<22}{h.host:<6}{h.from_devices:>13,}{h.accepted:>10,}"
-                  f"{h.forwarded:>11,}{h.relayed_in:>12,}{h.cpu_s:>8.2f}"
-                  f"{fmt(h.us_per_accepted):>13}{fmt(h.us_per_datagram):>13}"
-                  f"{h.idle_ms_per_s:>11.1f}")
-    head = (f"{'step':<22}{'offered/s':>10}{'devices':>9}{'sent':>8}{'acked':>8}"
-            f"{'unansw.':>8}{'late':>6}{'kept up':>8}{'cluster us/up':>14}"
-            f"{'broker us/up':>13}{'gw ack p50/p99 ms':>19}{'device p50/p99 ms':>19}"
-            f"{'queue/accepted':>16}{'  load before -> after'}")
-    print("\n" + head)
-    print("-" * len(head))
-    for r in results:
-        print(f"{r.step.name:<22}{r.offered_per_s:>10,.0f}{r.devices:>9,}{r.sent:>8,}"
-              f"{r.acked:>8,}{r.unanswered:>8,}{r.late:>6,}{'yes' if r.kept_up else 'NO':>8}"
-              f"{r.cpu_us_per_uplink:>14,.0f}{r.broker_us_per_uplink:>13,.0f}"
-              f"{f'{r.gw_ack_p50_ms:g} / {r.gw_ack_p99_ms:g}':>19}"
-              f"{f'{r.device_p50_ms:g} / {r.device_p99_ms:g}':>19}"
-              f"{f'{r.queued:,}/{r.expected_in_queue:,}':>16}"
-              f"  {r.load_before} -> {r.load_after}")
+    table(f"{'step':<22}{'host':<6}{'from devices':>13}{'accepted':>10}{'forwarded':>11}"
+          f"{'relayed in':>12}{'cpu s':>8}{'us/accepted':>13}{'us/datagram':>13}"
+          f"{'idle ms/s':>11}",
+          [f"{r.step.name if i == 0 else '':<22}{h.host:<6}{h.from_devices:>13,}"
+           f"{h.accepted:>10,}{h.forwarded:>11,}{h.relayed_in:>12,}{h.cpu_s:>8.2f}"
+           f"{fmt(h.us_per_accepted):>13}{fmt(h.us_per_datagram):>13}{h.idle_ms_per_s:>11.1f}"
+           for r in results for i, h in enumerate(r.hosts)])
+    table(f"{'step':<22}{'offered/s':>10}{'devices':>9}{'sent':>8}{'acked':>8}"
+          f"{'unansw.':>8}{'late':>6}{'kept up':>8}{'cluster us/up':>14}"
+          f"{'broker us/up':>13}{'gw ack p50/p99 ms':>19}{'device p50/p99 ms':>19}"
+          f"{'queue/accepted':>16}  load before -> after",
+          [f"{r.step.name:<22}{r.offered_per_s:>10,.0f}{r.devices:>9,}{r.sent:>8,}"
+           f"{r.acked:>8,}{r.unanswered:>8,}{r.late:>6,}{'yes' if r.kept_up else 'NO':>8}"
+           f"{r.cpu_us_per_uplink:>14,.0f}{r.broker_us_per_uplink:>13,.0f}"
+           f"{f'{r.gw_ack_p50_ms:g} / {r.gw_ack_p99_ms:g}':>19}"
+           f"{f'{r.device_p50_ms:g} / {r.device_p99_ms:g}':>19}"
+           f"{f'{r.queued:,}/{r.expected_in_queue:,}':>16}"
+           f"  {r.load_before} -> {r.load_after}" for r in results])
 
 
 def ratios(results: list[StepResult]) -> dict[str, float]:
@@ -414,17 +411,19 @@ def main() -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_start = loadavg()
     results: list[StepResult] = []
-    with tempfile.TemporaryDirectory(prefix="nbiot-bench-scale-") as tmp:
-        workdir = Path(tmp)
-        with Lab(PREFIX, hosts=3, brokers=3, net=NET, workdir=workdir / "lab") as lab:
-            for j in range(1, 4):
-                print(f"RabbitMQ node b{j}: {lab.broker_ip(j)}", file=sys.stderr)
-            with RabbitCluster(lab, 3) as rabbit:
-                rabbit.declare_uplink_queue(UPLINK_QUEUE, UPLINK_BINDING)
-                bench = ScaleBench(lab, rabbit, args.devices, args.rate, args.duration, workdir)
-                for n, step in zip(chosen, steps, strict=True):
-                    print(f"step {n}: {step.name} ...", file=sys.stderr, flush=True)
-                    results.append(bench.run(n, step))
+    workdir = Path(tempfile.mkdtemp(prefix="nbiot-bench-scale-"))
+    try:
+        with (Lab(PREFIX, hosts=3, brokers=3, net=NET, workdir=workdir / "lab") as lab,
+              RabbitCluster(lab, 3) as rabbit):
+            rabbit.declare_uplink_queue(UPLINK_QUEUE, UPLINK_BINDING)
+            bench = ScaleBench(lab, rabbit, args.devices, args.rate, args.duration, workdir)
+            for n, step in zip(chosen, steps, strict=True):
+                print(f"step {n}: {step.name} ...", file=sys.stderr, flush=True)
+                results.append(bench.run(n, step))
+    except BaseException:
+        print(f"cluster_scale failed: logs in {workdir}", file=sys.stderr)
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
     print(f"\ncluster_scale: {args.devices:,} devices, open loop at {args.rate:g} uplinks/s "
           f"in all ({args.duration:g} s per step; fresh UDP socket per uplink), through the "
           "nf_tables VIP; 1 worker per host; 3-node RabbitMQ 3.10, quorum queue; "
@@ -433,7 +432,7 @@ def main() -> int:
           f"{loadavg()} at the end\n")
     print_tables(results)
     found = ratios(results)
-    print("\n" + "\n".join(f"{k}: {v}" for k, v in found.items()))
+    print("\n".join(f"{k}: {v}" for k, v in found.items()))
     if args.json is not None:
         args.json.write_text(json.dumps({
             "machine": machine(), "started": started, "devices": args.devices,
