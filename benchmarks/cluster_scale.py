@@ -327,7 +327,8 @@ class ScaleBench:
             gw_ack_p50_ms=ms(bucket_quantile_s(buckets_before, buckets_after, 0.5)),
             gw_ack_p99_ms=ms(bucket_quantile_s(buckets_before, buckets_after, 0.99)),
             queued=queued, expected_in_queue=expected, load_before=load_before,
-            load_after=loadavg(), extra={"warmup_acked": len(warm.acked)})
+            load_after=loadavg(), extra={
+                "warmup_acked": len(warm.acked), "warmup_unanswered": warm.unanswered + warm.unsent})
 
     def _queued(self, expected: int) -> int:
         deadline = time.monotonic() + QUEUE_SETTLE_S
