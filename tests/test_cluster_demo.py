@@ -17,6 +17,9 @@ if os.geteuid() != 0:
     pytest.fail("tests/test_cluster_demo.py needs root (network namespaces), as "
                 "./scripts/test runs", pytrace=False)
 
+# Namespaces, nf_tables and RabbitMQ nodes on fixed subnets: one test at a time.
+pytestmark = pytest.mark.xdist_group("netns")
+
 
 def test_a_host_lost_for_good_and_a_broker_node_lose_nothing_acknowledged(
         tmp_path: Path) -> None:
