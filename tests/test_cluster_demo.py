@@ -30,5 +30,6 @@ def test_a_host_lost_for_good_and_a_broker_node_lose_nothing_acknowledged(
     assert report.lost == 0, report
     assert report.queue_distinct >= report.delivered, report
     assert all(report.share[h] > 0 for h in HOSTS), report.share
+    assert report.broker_failovers["h1"] >= 1  # its broker node was the one killed
     assert report.faults[0].noticed_s is not None
     assert leftovers("nbtcd") == []
