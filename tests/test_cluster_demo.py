@@ -17,6 +17,9 @@ if os.geteuid() != 0:
     pytest.fail("tests/test_cluster_demo.py needs root (network namespaces), as "
                 "./scripts/test runs", pytrace=False)
 
+# Namespaces, nf_tables and RabbitMQ nodes on fixed subnets: one test at a time.
+pytestmark = pytest.mark.xdist_group("netns")
+
 
 def test_a_host_lost_for_good_and_a_broker_node_lose_nothing_acknowledged(
         tmp_path: Path) -> None:
@@ -27,5 +30,6 @@ def test_a_host_lost_for_good_and_a_broker_node_lose_nothing_acknowledged(
     assert report.lost == 0, report
     assert report.queue_distinct >= report.delivered, report
     assert all(report.share[h] > 0 for h in HOSTS), report.share
+    assert report.broker_failovers["h1"] >= 1  # its broker node was the one killed
     assert report.faults[0].noticed_s is not None
     assert leftovers("nbtcd") == []

@@ -44,7 +44,8 @@ READY_TIMEOUT_S = 60.0
 POLL_S = 0.1
 SIM_GRACE_S = 20.0  # after the fleet's window: retries, the witness catching up
 HOSTS = ("h1", "h2", "h3")
-VICTIM_HOST, VICTIM_BROKER, WITNESS_BROKER = "h2", "b3", 1
+# h2 dies; b2, the node h1 is connected to, dies (h1 fails over); the witness is on b1.
+VICTIM_HOST, VICTIM_BROKER, WITNESS_BROKER = "h2", "b2", 1
 
 
 class DemoFailed(Exception):
@@ -81,6 +82,7 @@ class Report:
     relayed: dict[str, int] = field(default_factory=dict)  # host -> datagrams relayed to it
     faults: list[Fault] = field(default_factory=list)
     unanswered_s: float | None = None  # the dead host's devices: kill -> served again
+    broker_failovers: dict[str, int] = field(default_factory=dict)  # host -> reconnects
     ok: bool = False
     verdict: str = ""
 
@@ -91,7 +93,10 @@ def host_config(lab: Lab, rabbit: RabbitCluster, name: str, ack: str, secret: st
     """Gateway host `name`'s config file in `workdir`, in a cluster of `hosts`; its spool in
     `workdir/name/`, the registry `workdir/devices.csv`."""
     ip = lab.backbone_ip(name)
-    brokers = ", ".join(f'"{a}"' for a in rabbit.mqtt_addresses())
+    # Each host prefers another node (h1 b2, h2 b3, h3 b1): killing one moves a host.
+    nodes = rabbit.mqtt_addresses()
+    first = HOSTS.index(name) + 1
+    brokers = ", ".join(f'"{a}"' for a in nodes[first:] + nodes[:first])
     apis = ", ".join(f'"http://{n.ip}:15672"' for n in rabbit.nodes)
     peers = "\n".join(f'{h} = "{lab.backbone_ip(h)}:{PEER_PORT}"' for h in hosts)
     base = SHIPPED_CONFIG.read_text()
@@ -291,6 +296,7 @@ class ClusterDemo:
             m = scrape(lab.backbone_ip(h), METRICS_PORT)
             r.share[h] = int(m.get("nbiot_gateway_uplinks_accepted_total", 0))
             r.relayed[h] = int(m.get("nbiot_gateway_cluster_relayed_datagrams_total", 0))
+            r.broker_failovers[h] = int(m.get("nbiot_gateway_mqtt_reconnects_total", 0))
         # Wait for every host's spool to be published, then read the queue back.
         wait_until(lambda: all(scrape(lab.backbone_ip(h), METRICS_PORT).get(
             "nbiot_gateway_spool_records", 1) == 0 for h in HOSTS), 60, "spools published")
@@ -331,6 +337,8 @@ def format_report(r: Report) -> str:
         ("ack latency", f"p50 {r.ack_p50_ms} ms, p99 {r.ack_p99_ms} ms, max {r.ack_max_ms} ms"),
         ("share (accepted)", ", ".join(f"{h} {n}" for h, n in r.share.items())),
         ("relayed to owner", ", ".join(f"{h} {n}" for h, n in r.relayed.items())),
+        ("broker reconnects", ", ".join(f"{h} {n}" for h, n in r.broker_failovers.items())
+         + f" (each host prefers another node; {VICTIM_BROKER} was killed)"),
         ("dead host unanswered", f"{r.unanswered_s} s until the balancer and its peers "
                                  "moved its devices (then one device retransmission)"),
     ]
