@@ -70,7 +70,56 @@ def build_parser() -> argparse.ArgumentParser:
         description="A broker, the gateway and an open-loop fleet (a fresh UDP socket per "
                     "uplink) for --duration; a line per sample, then the least-squares trend "
                     "of each figure after the warm-up. Exit 1 if anything acked was lost."))
+    demo = sub.add_parser(
+        "cluster-demo", help="(root) the cluster on one machine: namespaces, balancer, 3 "
+                             "gateway hosts, 3 RabbitMQ nodes, a fleet, and faults",
+        description="Builds devices, an nf_tables balancer, 3 gateway hosts and a 3-node "
+                    "RabbitMQ cluster in network namespaces, runs the fleet through the "
+                    "balancer, kills a gateway host and a broker node under load, and reads "
+                    "the uplink queue back. Exit 0: nothing acknowledged lost; 1: lost; "
+                    "2: it could not run.")
+    demo.add_argument("--ack", choices=("disk", "broker"), default="broker",
+                      help="cluster.ack of the gateway hosts (default: %(default)s)")
+    demo.add_argument("--devices", type=int, default=3000)
+    demo.add_argument("--interval", type=float, default=10.0, dest="interval_s",
+                      help="report interval, s (default: %(default)s)")
+    demo.add_argument("--duration", type=float, default=60.0, dest="duration_s",
+                      help="the fleet's report window, s (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--prefix", default="nbg", help="namespace name prefix")
+    demo.add_argument("--json", type=Path, dest="json_path", help="also write the report")
+    demo.add_argument("--keep", action="store_true", help="keep the logs and state files")
+    _balancer_args(sub.add_parser(
+        "balancer", help="run the gateway cluster's UDP balancer (nf_tables) and its health "
+                         "checker on this host (root)",
+        description="Install an nf_tables table that spreads datagrams to --vip over the "
+                    "--backend gateway hosts by a hash of the device's address and port "
+                    "(stateless NAT: the hosts see the device's own address, replies leave "
+                    "from the VIP), CoAP-ping every backend, move a dead one's devices to the "
+                    "others, and remove the table on SIGTERM. See docs/operations.md."))
     return parser
+
+
+def _balancer_args(p: argparse.ArgumentParser) -> None:
+    from gateway.tools import balancer
+
+    p.add_argument("--vip", required=True, help="the address devices send to (on this host)")
+    p.add_argument("--port", type=int, default=balancer.COAP_PORT, dest="vip_port",
+                   help="the VIP's UDP port (default: %(default)s)")
+    p.add_argument("--backend", action="append", required=True, dest="backends",
+                   metavar="NAME=IP[:PORT]",
+                   help="a gateway host, once for each (port default: 5683)")
+    p.add_argument("--interval", type=float, default=balancer.PROBE_INTERVAL_S,
+                   dest="interval_s", help="seconds between CoAP pings (default: %(default)s)")
+    p.add_argument("--down-after", type=int, default=balancer.DOWN_AFTER_MISSES,
+                   help="missed pings in a row that take a backend out (default: %(default)s)")
+    p.add_argument("--up-after", type=int, default=balancer.UP_AFTER_ANSWERS,
+                   help="answered pings in a row that bring it back (default: %(default)s)")
+    p.add_argument("--slots", type=int, default=balancer.SLOTS,
+                   help="hash slots spread over the backends (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics and /readyz on this port")
+    p.add_argument("--metrics-bind", default="127.0.0.1",
+                   help="address of the metrics endpoint (default: %(default)s)")
 
 
 def _rates(text: str) -> list[float]:
@@ -284,7 +333,27 @@ def main(argv: list[str] | None = None) -> int:
                         duration_s=args.duration_s, sample_s=args.sample_s,
                         warmup_s=args.warmup_s, json_out=args.json_path,
                         loadgen_procs=args.loadgen_procs)
+    if args.command == "balancer":
+        return cmd_balancer(args)
+    if args.command == "cluster-demo":
+        from gateway.lab.cluster_demo import run_cluster_demo
+
+        return run_cluster_demo(ack=args.ack, devices=args.devices, interval_s=args.interval_s,
+                                duration_s=args.duration_s, seed=args.seed,
+                                prefix=args.prefix, json_path=args.json_path, keep=args.keep)
     raise AssertionError(args.command)
+
+
+def cmd_balancer(args: argparse.Namespace) -> int:
+    from gateway.tools.balancer import Balancer, BalancerError, parse_backend, run_balancer
+
+    try:
+        balancer = Balancer(args.vip, [parse_backend(b) for b in args.backends], args.vip_port,
+                            args.slots, args.interval_s, args.down_after, args.up_after)
+    except BalancerError as e:
+        print(f"balancer: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_balancer(balancer, args.metrics_bind, args.metrics_port)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

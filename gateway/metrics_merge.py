@@ -39,6 +39,10 @@ COMBINE: Final[Mapping[str, Combine]] = {
     "nbiot_gateway_mqtt_connected": _min,
     # The worst worker's lag is what its devices wait; a sum is no duration at all.
     "nbiot_gateway_event_loop_lag_seconds": _max,
+    # A cluster host: each worker hears the peers on its own; the host hears a peer only
+    # if every worker does (one deaf worker is enough to take devices it should not).
+    "nbiot_gateway_cluster_peer_up": _min,
+    "nbiot_gateway_cluster_hosts_alive": _min,
     # Always 1 per version label; a sum would read as N.
     "nbiot_gateway_build_info": _max,
     # When the service started (a worker's death restarts them all: gateway/supervisor.py);

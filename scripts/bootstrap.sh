@@ -23,6 +23,32 @@ apt_install() {
     # Debian starts mosquitto on port 1883 where systemd runs; the project starts its own.
 }
 
+# Packages whose Debian scripts start a system service we never use (rabbitmq-server: a node
+# on 5672 and epmd on 4369, all interfaces): installed without starting it. policy-rc.d's
+# 101 ("not allowed") stops invoke-rc.d and deb-systemd-invoke for the install (unless the
+# machine has a policy already, as containers do), and where systemd runs, what we
+# installed is disabled too, so a reboot does not start it either.
+apt_install_no_start() {
+    local policy=/usr/sbin/policy-rc.d added="" missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod 755 "$policy"
+        added=1
+    fi
+    apt_install "${missing[@]}" || { [ -z "$added" ] || $sudo rm -f "$policy"; return 1; }
+    [ -z "$added" ] || $sudo rm -f "$policy"
+    if [ -d /run/systemd/system ]; then
+        $sudo systemctl disable --now "${missing[@]}" >/dev/null 2>&1 || true
+    fi
+}
+
 find_python() {
     for py in python3.11 python3.12 python3.13 python3; do
         if command -v "$py" >/dev/null 2>&1 &&

@@ -61,6 +61,13 @@ def test_schedule_numbers_slots_round_robin_over_devices() -> None:
     assert schedule.slot_of(0, 1_000_002) == 4
 
 
+def test_schedule_with_ids_sends_only_from_the_listed_devices() -> None:
+    schedule = Schedule(rate_per_s=10, duration_s=3, devices=3, ids=(7, 2, 40))
+
+    assert [(schedule.device(k), schedule.seq(k)) for k in (0, 1, 2, 3)] == [
+        (7, 1), (2, 1), (40, 1), (7, 2)]
+
+
 def _samples(rss_mb: list[float], step_s: float = 60.0) -> list[Sample]:
     return [Sample(t_s=(i + 1) * step_s, rss_mb=rss, cpu_pct=20.0, open_files=14,
                    spool_records=2.0, write_bytes_per_s=1e6, uplinks_per_s=667.0,

@@ -21,8 +21,9 @@ import pytest
 
 from gateway.cluster.membership import rank
 from gateway.cluster.uplink_queue import binding_matches
+from gateway.workers import owner
 from tests.coap_raw import RawCoap, uplink_request
-from tests.conftest import DEVICES, Broker, Gateway, Subscription, free_port, wait_for
+from tests.conftest import DEVICES, Broker, Device, Gateway, Subscription, free_port, wait_for
 
 HOSTS = ("h1", "h2", "h3")
 SECRET = "test-cluster-secret-0123456789"
@@ -38,7 +39,8 @@ def cluster_toml(me: str, peer_ports: dict[str, int], ack: str = "disk") -> str:
 
 
 class Cluster:
-    def __init__(self, broker: Broker, tmp_path: Path, names: tuple[str, ...], ack: str) -> None:
+    def __init__(self, broker: Broker, tmp_path: Path, names: tuple[str, ...], ack: str,
+                 workers: int = 1) -> None:
         self.peer_ports = {name: free_port(socket.SOCK_DGRAM) for name in names}
         self.hosts: dict[str, Gateway] = {}
         for name in names:
@@ -46,8 +48,12 @@ class Cluster:
             workdir.mkdir()
             gw = Gateway(workdir, broker.port)
             gw.write_config(cluster_toml(name, self.peer_ports, ack))
-            text = gw.config_path.read_text().replace('id = "gw-test"', f'id = "gw-{name}"')
+            text = gw.config_path.read_text().replace(
+                'id = "gw-test"', f'id = "gw-{name}"\nworkers = {workers}')
             gw.config_path.write_text(text)
+            with (workdir / "devices.csv").open("a") as registry:
+                registry.writelines(f"{d.device_id},{d.device_type},{d.token},60,true\n"
+                                    for d in SPREAD)
             self.hosts[name] = gw
 
     def start(self) -> None:
@@ -66,8 +72,8 @@ class Cluster:
 def cluster(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
-    def make(names: tuple[str, ...] = HOSTS, ack: str = "disk") -> Cluster:
-        c = Cluster(broker, tmp_path, names, ack)
+    def make(names: tuple[str, ...] = HOSTS, ack: str = "disk", workers: int = 1) -> Cluster:
+        c = Cluster(broker, tmp_path, names, ack, workers)
         made.append(c)
         c.start()
         return c
@@ -77,8 +83,12 @@ def cluster(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         c.stop()
 
 
+# One device on each (host, worker) of two hosts with two workers each.
+SPREAD = [Device(f"th-{i}", "env_th", f"tok-th-{i}") for i in (3, 4, 5, 8)]
+
+
 def send(gw: Gateway, device_id: str, seq: int) -> aiocoap.Message:
-    device = next(d for d in DEVICES if d.device_id == device_id)
+    device = next(d for d in (*DEVICES, *SPREAD) if d.device_id == device_id)
     with RawCoap(gw.coap_port) as client:
         return client.exchange(uplink_request(gw.uri(device), {"seq": seq, "temperature": 21.5}))
 
@@ -108,6 +118,21 @@ def test_a_device_is_answered_through_any_host_and_judged_by_its_owner(
     for name in others:
         assert c.hosts[name].metric("nbiot_gateway_uplinks_received_total") == 0
         assert c.hosts[name].metric("nbiot_gateway_cluster_forwarded_datagrams_total") >= 1
+
+
+def test_hosts_with_workers_relay_to_the_owning_worker(
+        cluster: Callable[..., Cluster], subscribe: Callable[[str], Subscription]) -> None:
+    c = cluster(("h1", "h2"), workers=2)
+    sub = subscribe("nbiot/plant/+/+/up")
+    assert {(rank(d.device_id, ("h1", "h2"))[0], owner(d.device_id, 2)) for d in SPREAD} == {
+        ("h1", 0), ("h1", 1), ("h2", 0), ("h2", 1)}
+    for name in ("h1", "h2"):
+        for seq, device in enumerate(SPREAD, start=1 if name == "h1" else 11):
+            assert send(c.hosts[name], device.device_id, seq).code == aiocoap.CHANGED
+    assert len({(m["device_id"], m["seq"]) for m in sub.wait_count(8)}) == 8
+    relayed = sum(c.hosts[n].metric("nbiot_gateway_cluster_relayed_datagrams_total")
+                  for n in ("h1", "h2"))
+    assert relayed == 4  # each device's datagram sent to the host that does not own it
 
 
 def test_a_dead_hosts_devices_are_served_by_the_others_and_move_back(

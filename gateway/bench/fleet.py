@@ -29,6 +29,7 @@ from gateway.bench.runner import MOSQUITTO_CONF, loadgen, machine
 from gateway.bench.witness import SEQ_SPAN, StreamWitness, Tally, stream_witness
 from gateway.localstack import (
     LOAD_ENV,
+    LOOPBACK,
     coap_answers,
     free_port,
     gateway,
@@ -91,11 +92,13 @@ def fleet_stack(workdir: Path, devices: int, report_interval_s: int) -> Iterator
 
 # -- the open-loop load generator, in one or more processes -------------------------------
 class OpenLoopRun:
-    """`gateway.bench.openload` in `procs` processes sharing one schedule."""
+    """`gateway.bench.openload` in `procs` processes sharing one schedule, against `host`;
+    each command line after `wrap` (`ip netns exec NS`: in a lab's namespace)."""
 
     def __init__(self, port: int, devices: int, rate_per_s: float, duration_s: float,
-                 seq_base: int, procs: int, log_path: Path, give_up_s: float = GIVE_UP_S
-                 ) -> None:
+                 seq_base: int, procs: int, log_path: Path, give_up_s: float = GIVE_UP_S,
+                 *, host: str = LOOPBACK, wrap: Sequence[str] = (),
+                 device_ids: Path | None = None) -> None:
         self.duration_s = duration_s
         self.timeout_s = duration_s + give_up_s + 60
         start_at = time.time() + 1.0  # every shard imported and waiting by then
@@ -103,8 +106,10 @@ class OpenLoopRun:
         self.procs: list[subprocess.Popen[bytes]] = []
         with log_path.open("ab") as log:
             for shard in range(procs):
+                ids = () if device_ids is None else ("--device-ids", str(device_ids))
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "gateway.bench.openload", "--port", str(port),
+                    [*wrap, sys.executable, "-m", "gateway.bench.openload", *ids,
+                     "--host", host, "--port", str(port),
                      "--devices", str(devices), "--rate", str(rate_per_s), "--duration",
                      str(duration_s), "--seq-base", str(seq_base), "--shard", str(shard),
                      "--shards", str(procs), "--start-at", str(start_at),

@@ -10,7 +10,8 @@ at most `max_open` sockets are open at once.
 
 Slot k of the schedule leaves at start + k / rate, from device k mod devices, with seq
 seq_base + k // devices + 1. `--shards P --shard j` runs the slots k = j mod P, so P
-processes share one schedule. Prints one JSON object on stdout.
+processes share one schedule. `--device-ids FILE` (indices, one a line) sends from those
+devices only: device k mod n of the file, n its length. Prints one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gateway.bench.loadgen import bench_device_id, bench_token
@@ -142,6 +144,7 @@ class Schedule:
     seq_base: int = 0
     shard: int = 0
     shards: int = 1
+    ids: tuple[int, ...] = ()  # the devices that send (`devices`: its length); () = all
 
     @property
     def slots(self) -> int:
@@ -149,12 +152,14 @@ class Schedule:
         return math.floor(self.rate_per_s * self.duration_s + 1e-6)  # 4000 * 3.08625: 12345
 
     def device(self, slot: int) -> int:
-        return slot % self.devices
+        """The index of the device (bench_device_id) that sends `slot`."""
+        return self.ids[slot % self.devices] if self.ids else slot % self.devices
 
     def seq(self, slot: int) -> int:
         return self.seq_base + slot // self.devices + 1
 
     def slot_of(self, device: int, seq: int) -> int:
+        """The slot of `device` (its position in the schedule: with `ids`, in `ids`)."""
         return (seq - self.seq_base - 1) * self.devices + device
 
 
@@ -432,9 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--give-up", type=float, default=10.0,
                    help="seconds the exchanges still open at the end may take")
     p.add_argument("--path-prefix", default="up")
+    p.add_argument("--device-ids", type=Path, default=None,
+                   help="send from these devices only (indices, one a line; replaces --devices)")
     args = p.parse_args(argv)
-    schedule = Schedule(args.rate, args.duration, args.devices, args.seq_base, args.shard,
-                        args.shards)
+    ids = (tuple(int(line) for line in args.device_ids.read_text().split())
+           if args.device_ids else ())
+    schedule = Schedule(args.rate, args.duration, len(ids) or args.devices, args.seq_base,
+                        args.shard, args.shards, ids)
     max_open = max(100, raise_open_files_limit() - 100)
     fleet = OpenLoopFleet(args.host, args.port, schedule,
                           tuple(s for s in args.path_prefix.split("/") if s), max_open,
