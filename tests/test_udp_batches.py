@@ -49,26 +49,38 @@ async def until(condition: object, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_a_burst_larger_than_a_batch_is_read_whole_in_order_under_one_stamp() -> None:
+async def burst(gather_s: float, count: int) -> Batches:
+    """`count` datagrams, all waiting in the socket before it is served, read to the end."""
     server, client = bound_socket(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sent = [f"datagram {i}".encode() for i in range(2 * MAX_BATCH + 7)]
-    for data in sent:  # all waiting in the socket before it is read
+    sent = [f"datagram {i}".encode() for i in range(count)]
+    for data in sent:
         client.sendto(data, server.getsockname())
     sink = Batches()
-    transport = serve_udp(server, sink, gather_s=0.002)
+    transport = serve_udp(server, sink, gather_s)
     try:
         await until(lambda: len(sink.datagrams()) == len(sent))
-
         assert sink.datagrams() == sent
-        assert [len(batch) for batch, _ in sink.batches] == [MAX_BATCH, MAX_BATCH, 7]
-        # Read on at once, each stamped with the time the first was noticed: a datagram
-        # left for the next batch is not stamped as if it had just arrived.
-        assert len({received for _, received in sink.batches}) == 1
     finally:
         transport.close()
         client.close()
     assert await sink.lost is None
     assert server.fileno() == -1
+    return sink
+
+
+async def test_a_gathered_burst_is_read_in_one_piece_under_one_stamp() -> None:
+    sink = await burst(gather_s=0.002, count=2 * MAX_BATCH + 7)
+
+    # One batch, one commit: every datagram counts from when the first was noticed.
+    assert [len(batch) for batch, _ in sink.batches] == [2 * MAX_BATCH + 7]
+
+
+async def test_a_busy_socket_is_read_a_batch_per_loop_turn_each_stamped_when_read() -> None:
+    sink = await burst(gather_s=0.0, count=2 * MAX_BATCH + 7)
+
+    assert [len(batch) for batch, _ in sink.batches] == [MAX_BATCH, MAX_BATCH, 7]
+    stamps = [received for _, received in sink.batches]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 3
 
 
 async def test_replies_leave_from_the_served_socket() -> None:
