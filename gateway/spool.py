@@ -282,11 +282,8 @@ class Spool:
         self.max_bytes = max_bytes
         self.max_batch = max_batch
         self.linger_s = linger_s
-        # To the writer: appends of one loop turn together, deletions, None to stop.
-        self._queue: queue.SimpleQueue[tuple[_Append, ...] | list[int] | None]
+        self._queue: queue.SimpleQueue[_Append | list[int] | None]
         self._queue = queue.SimpleQueue()
-        self._turn_appends: list[_Append] = []  # appended this loop turn, not yet handed over
-        self._carry: tuple[_Append, ...] = ()  # writer thread: appends past max_batch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
@@ -369,7 +366,6 @@ class Spool:
         """Commit what was appended, then stop the writer thread."""
         if self._writer is None:
             return
-        self._hand_over()
         self._queue.put(None)
         await asyncio.to_thread(self._writer.join)
         self._writer = None
@@ -405,19 +401,8 @@ class Spool:
         self._bytes += record_size(record)
         self._uncommitted += 1
         self._drained.clear()
-        if not self._turn_appends:
-            assert self._loop is not None
-            self._loop.call_soon(self._hand_over)
-        self._turn_appends.append((record, on_durable, accepted_seq,
-                                   time.monotonic() if waiting_since is None else waiting_since))
-
-    def _hand_over(self) -> None:
-        """The loop turn's appends to the writer in one piece: a gathered batch of uplinks
-        appended one by one woke the writer at the first, and it committed part of them
-        (rec/commit 85 of 120 gathered at 4,000/s; docs/decisions.md)."""
-        if self._turn_appends:
-            self._queue.put(tuple(self._turn_appends))
-            self._turn_appends = []
+        self._queue.put((record, on_durable, accepted_seq,
+                         time.monotonic() if waiting_since is None else waiting_since))
 
     async def wait_committed(self) -> None:
         """Return once everything appended so far is durable (or failed)."""
@@ -538,13 +523,10 @@ class Spool:
         batch: list[_Append] = []
         deletions: list[int] = list(retry)
         deadline = time.monotonic() + RETRY_S if retry else None
-        item: tuple[_Append, ...] | list[int] | None = self._carry
-        self._carry = ()
-        if not item:
-            try:
-                item = self._queue.get(timeout=RETRY_S if retry else None)
-            except queue.Empty:
-                return batch, deletions, False
+        try:
+            item = self._queue.get(timeout=RETRY_S if retry else None)
+        except queue.Empty:
+            return batch, deletions, False
         # Deletions alone: wait (woken by each item) for an append to ride with.
         while not isinstance(item, tuple):
             if item is None:
@@ -556,8 +538,8 @@ class Spool:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return batch, deletions, False
-        self._take(batch, item)
-        due = batch[0][3] + self.linger_s
+        batch.append(item)
+        due = item[3] + self.linger_s
         # Never longer than the linger, whatever the clock did since the append.
         linger_s = min(self.linger_s, min(due, deadline or due) - time.monotonic())
         if linger_s > 0:
@@ -571,21 +553,12 @@ class Spool:
             except queue.Empty:
                 break
             if item is None:
-                if self._carry:  # stop once the appends past max_batch are committed too
-                    self._queue.put(None)
-                    return batch, deletions, False
                 return batch, deletions, True
             if isinstance(item, list):
                 deletions.extend(item)
             else:
-                self._take(batch, item)
+                batch.append(item)
         return batch, deletions, False
-
-    def _take(self, batch: list[_Append], appends: tuple[_Append, ...]) -> None:
-        """Add appends to the batch up to max_batch; the rest start the next one."""
-        room = self.max_batch - len(batch)
-        batch.extend(appends[:room])
-        self._carry = appends[room:]
 
     def _commit(
         self,
