@@ -20,14 +20,14 @@ from typing import Any, Protocol
 
 # Datagrams read per loop turn at most, so replies and commits interleave with a storm.
 MAX_BATCH = 64
-# After a wait, everything that gathered is read in one turn (at most ~300 below
+# After a wait, everything that gathered is read in one turn (at most ~250 below
 # GATHER_BELOW_PER_S), so it becomes one commit: read 64 at a time, the 120 of a wait at
 # 4,000/s made two, the second waiting for the first's fsync (gateway ack p99 ~50 ms).
 GATHERED_MAX_BATCH = 512
 # Above this arrival rate the socket is read as soon as it is readable: a gateway this busy
 # batches by itself (datagrams queue while it works), and a wait could leave it idle with
 # datagrams waiting. Well under one loop's saturation (~14,000/s here).
-GATHER_BELOW_PER_S = 6000.0
+GATHER_BELOW_PER_S = 5000.0
 RATE_WINDOW_S = 0.1  # the arrival rate is judged over at least this long
 RECV_BYTES = 65_535
 # A readable socket waits as long as the spool's commit linger, at most this long.
