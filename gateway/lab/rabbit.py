@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import json
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -127,7 +128,8 @@ class RabbitCluster:
         peers = "\n".join(f"cluster_formation.classic_config.nodes.{i} = {n.node}"
                           for i, n in enumerate(self.nodes, 1))
         for node in self.nodes:
-            node.datadir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(node.datadir, ignore_errors=True)  # a new cluster, every time
+            node.datadir.mkdir(parents=True)
             (node.datadir / "enabled_plugins").write_text("[rabbitmq_mqtt,rabbitmq_management].\n")
             # A quorum queue reports its depth to the statistics each tick (5 s by default).
             (node.datadir / "advanced.config").write_text("[{rabbit, [{quorum_tick_interval, 1000}]}].\n")
@@ -247,13 +249,15 @@ log.file = false
         """"ip:port" of every node's MQTT listener, killed ones included."""
         return [n.mqtt_address for n in self.nodes]
 
-    def declare_uplink_queue(self, name: str, binding_key: str) -> None:
-        """A durable quorum queue `name` (a member on every node) bound to amq.topic with
-        `binding_key` (AMQP form: `nbiot.plant.*.*.up`; see `mqtt_to_routing_key`)."""
+    def declare_uplink_queue(self, name: str, binding_key: str, queue_type: str = "quorum"
+                             ) -> None:
+        """A durable queue `name` bound to amq.topic with `binding_key` (AMQP form:
+        `nbiot.plant.*.*.up`; see `mqtt_to_routing_key`). A quorum queue has a member on
+        every node; "classic" (for comparison) lives on the node that declared it."""
         q = urllib.parse.quote(name, safe="")
         self._api_any("PUT", f"/api/queues/%2F/{q}",
                       {"durable": True, "auto_delete": False,
-                       "arguments": {"x-queue-type": "quorum"}})
+                       "arguments": {"x-queue-type": queue_type}})
         self._api_any("POST", f"/api/bindings/%2F/e/amq.topic/q/{q}",
                       {"routing_key": binding_key, "arguments": {}})
 
@@ -291,6 +295,12 @@ log.file = false
                              "encoding": "base64"})
         return [(m["routing_key"], base64.b64decode(m["payload"]) if m["payload_encoding"]
                  == "base64" else m["payload"].encode()) for m in got]
+
+    def purge_queue(self, name: str) -> None:
+        self._api_any("DELETE", f"/api/queues/%2F/{urllib.parse.quote(name, safe='')}/contents")
+
+    def delete_queue(self, name: str) -> None:
+        self._api_any("DELETE", f"/api/queues/%2F/{urllib.parse.quote(name, safe='')}")
 
     def drain_queue(self, name: str, batch: int = 5_000) -> list[tuple[str, bytes]]:
         """Everything in queue `name` now, removed."""
