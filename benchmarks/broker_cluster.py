@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import localstack
+from gateway.bench.flood import publish_windowed
 from gateway.demo import MOSQUITTO_CONF
 from gateway.lab.netns import Lab
 from gateway.lab.rabbit import RabbitCluster
@@ -64,25 +65,8 @@ async def connect(target: Target, client_id: str, clean_session: bool = True) ->
 async def flood(target: Target, first: int, n: int, window: int, client_id: str) -> float:
     """Publish messages first..first+n-1 as fast as PUBACKs allow; the time of the last PUBACK."""
     client = await connect(target, client_id)
-    done = asyncio.get_running_loop().create_future()
-    room = asyncio.Event()
-    acked = 0
-
-    def on_ack() -> None:
-        nonlocal acked
-        acked += 1
-        room.set()
-        if acked == n:
-            done.set_result(time.monotonic())
-
-    for i in range(first, first + n):
-        if client.in_flight >= window:
-            room.clear()
-            if client.closed.done():
-                client.closed.result()  # raises: the broker dropped us mid-run
-            await asyncio.wait_for(room.wait(), 60)
-        client.publish(TOPIC.format(f"dev-{i % DEVICES:05d}"), payload(i), 1, False, on_ack)
-    finished: float = await asyncio.wait_for(done, 300)
+    messages = ((TOPIC.format(f"dev-{i % DEVICES:05d}"), payload(i)) for i in range(first, first + n))
+    finished = await publish_windowed(client, messages, n, window)
     await client.disconnect()
     return finished
 
