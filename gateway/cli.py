@@ -203,7 +203,8 @@ def cmd_check_config(path: Path) -> int:
                       f"({with_psk} of {len(registry)} devices have a psk, only they can use it)")
     print(f"{path}: OK: {len(registry)} devices, {len(settings.types)} device types, "
           f"{', '.join(ingest)}, "
-          f"broker {settings.mqtt.host}:{settings.mqtt.port}, spool {settings.spool.path}")
+          f"broker {', '.join(f'{h}:{p}' for h, p in settings.mqtt.broker_addresses())}, "
+          f"spool {settings.spool.path}")
     return 0
 
 
@@ -234,6 +235,14 @@ def cmd_run(path: Path) -> int:
         return 1
     if moved:
         logging.getLogger("gateway").info("%s", moved)
+    if settings.cluster.enabled and settings.cluster.check_uplink_queue:
+        from gateway.cluster import uplink_queue
+
+        try:
+            logging.getLogger("gateway").info("%s", uplink_queue.check(settings))
+        except uplink_queue.UplinkQueueMissing as e:
+            print(f"cannot start in cluster mode: {e}", file=sys.stderr)
+            return 1
     if workers > 1:
         from gateway import supervisor
 

@@ -101,9 +101,29 @@ class CoapsSection(Section):
         return self
 
 
+def host_port(address: str, default_port: int | None = None) -> tuple[str, int]:
+    """`host:port`, `[v6]:port`, or a bare host when there is a default port."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "]" in port or (":" in host and not host.startswith("[")):
+        host, port = address, ""
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"{address!r}: no host")
+    if not port:
+        if default_port is None:
+            raise ValueError(f"{address!r}: give host:port")
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r}: port must be 1-65535")
+    return host, int(port)
+
+
 class MqttSection(Section):
     host: str = "localhost"
     port: Port = 1883
+    # A broker cluster: every node's `host:port`, tried in turn when one cannot be reached
+    # or drops the connection. Empty: the one broker at host and port.
+    brokers: tuple[str, ...] = ()
     username: str | None = None
     password: SecretStr | None = None
     tls: bool = False
@@ -119,7 +139,74 @@ class MqttSection(Section):
     def _backoff_order(self) -> MqttSection:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        for address in self.brokers:
+            host_port(address, self.port)
         return self
+
+    def broker_addresses(self) -> list[tuple[str, int]]:
+        """Where to connect, in order of preference."""
+        if not self.brokers:
+            return [(self.host, self.port)]
+        return [host_port(address, self.port) for address in self.brokers]
+
+
+class ClusterSection(Section):
+    """Several gateway hosts sharing the devices (docs/operations.md, "Cluster"). Every
+    host has the same [cluster] but its own `host`, and its own gateway.id."""
+
+    enabled: bool = False
+    host: TopicPart | None = None  # this host's name in `hosts`
+    # name -> "ip:port" of that host's peer channel (worker i listens on port + i). The
+    # channel listens only on this host's own entry.
+    hosts: dict[TopicPart, str] = Field(default_factory=dict)
+    # Shared by every host: each peer message carries an HMAC-SHA256 made with it.
+    secret: SecretStr | None = None
+    # "disk": 2.04 once the uplink is durable on this host's disk (survives broker outages;
+    # a host that dies and comes back publishes what it acknowledged). "broker": 2.04 once
+    # the broker cluster has PUBACKed it (a host lost for good, disk and all, loses nothing
+    # it acknowledged); while no broker node takes it, devices get 5.03 with Max-Age.
+    ack: Literal["disk", "broker"] = "disk"
+    heartbeat_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.5
+    # A peer not heard from for this long is dead; its devices go to the others.
+    peer_dead_after_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # ack = "broker": how long an uplink waits for its PUBACK before the device gets 5.03.
+    broker_ack_timeout_s: Annotated[float, Field(gt=0, le=60)] = 3.0
+    # RabbitMQ's management API on the broker nodes (http://host:15672), tried in turn: at
+    # start the gateway checks that the uplink topics are bound to a quorum queue. A
+    # PUBACK for a message no queue takes means nothing in RabbitMQ.
+    broker_api: tuple[str, ...] = ()
+    # false: skip that check, for a broker that is not RabbitMQ (a test's mosquitto): then
+    # nothing but the broker's own word says a PUBACKed uplink is kept.
+    check_uplink_queue: bool = True
+
+    @model_validator(mode="after")
+    def _complete(self) -> ClusterSection:
+        if not self.enabled:
+            return self
+        if len(self.hosts) < 2:
+            raise ValueError("a cluster needs at least two entries in cluster.hosts")
+        if self.host not in self.hosts:
+            raise ValueError(f"cluster.host must name this host's entry in cluster.hosts "
+                             f"({', '.join(self.hosts)}), not {self.host!r}")
+        for name, address in self.hosts.items():
+            try:
+                host_port(address)
+            except ValueError as e:
+                raise ValueError(f"cluster.hosts.{name}: {e}") from None
+        if self.secret is None or len(self.secret.get_secret_value()) < 16:
+            raise ValueError("cluster.secret: at least 16 characters, the same on every host")
+        if self.check_uplink_queue and not self.broker_api:
+            raise ValueError("cluster.broker_api: the RabbitMQ management API of the broker "
+                             "nodes (http://node:15672), to check the uplink queue at start "
+                             "(or check_uplink_queue = false for a broker that is not "
+                             "RabbitMQ)")
+        if self.heartbeat_interval_s * 2 > self.peer_dead_after_s:
+            raise ValueError("cluster.peer_dead_after_s must be at least twice "
+                             "heartbeat_interval_s")
+        return self
+
+    def peer_address(self, name: str) -> tuple[str, int]:
+        return host_port(self.hosts[name])
 
 
 class SpoolSection(Section):
@@ -255,12 +342,17 @@ class Settings(BaseSettings):
     sim: SimSection = SimSection()
     liveness: LivenessSection = LivenessSection()
     limits: LimitsSection = LimitsSection()
+    cluster: ClusterSection = ClusterSection()
     types: dict[TopicPart, DeviceType] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _ingest(self) -> Settings:
         if not self.coap.enabled and not self.coaps.enabled:
             raise ValueError("coap.enabled and coaps.enabled are both false: no uplink could arrive")
+        if self.cluster.enabled and self.coaps.enabled:
+            raise ValueError("cluster.enabled with coaps.enabled: not supported yet (a DTLS "
+                             "session lives on the host the balancer picked, and its "
+                             "uplinks are not relayed to the device's owner)")
         if self.coap.enabled and self.coaps.enabled and self.coap.port == self.coaps.port:
             raise ValueError(f"coap.port and coaps.port are both {self.coap.port}: "
                              "give coaps a port of its own (5684)")

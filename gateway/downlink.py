@@ -226,9 +226,11 @@ class Downlink:
         self._registry = registry
 
     # -- from MQTT -------------------------------------------------------------------
-    async def receive(self, device_type: str, device_id: str, payload: bytes) -> None:
+    async def receive(self, device_type: str, device_id: str, payload: bytes,
+                      announce: bool = True) -> None:
         """A command published for a device: validate, store durably, queue, then say
-        `queued`. Raises sqlite3.Error if it could not be stored (nothing is queued)."""
+        `queued` (unless not `announce`: a cluster host keeping the copy for the device's
+        home host). Raises sqlite3.Error if it could not be stored (nothing is queued)."""
         device = self._registry.get(device_id)
         try:
             if device is None or device.device_type != device_type:
@@ -249,7 +251,28 @@ class Downlink:
         # Shielded: if our caller gives up, the commit still installs what it stored.
         if not await asyncio.shield(arrival.stored):
             raise sqlite3.OperationalError(f"downlink {command_id} of {device_id} not stored")
-        self._status(device_id, device_type, command_id, QUEUED, "")
+        if announce:
+            self._status(device_id, device_type, command_id, QUEUED, "")
+
+    def settled_elsewhere(self, device_id: str, state_message: bytes) -> None:
+        """Another gateway host said a command is `confirmed` or `expired` (its
+        `.../down/ack`): drop our copy, silently, so it never rides again from here."""
+        try:
+            message = json.loads(state_message)
+            command_id, state = message["id"], message["state"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return
+        if state not in (CONFIRMED, EXPIRED) or not isinstance(command_id, str):
+            return
+        queue = self._queues.get(device_id)
+        command = next((c for c in queue or () if c.command_id == command_id), None)
+        if queue is None or command is None:
+            return
+        queue.remove(command)
+        key = (device_id, command_id)
+        self._writes.append(_Write(key, _DELETE, key, lazy=True))
+        log.info("downlink %s of %s %s through another host: dropped here", command_id,
+                 device_id, state)
 
     def reject(self, device_type: str, device_id: str, payload: bytes, why: str) -> None:
         """Say `rejected` on the command's ack topic (nothing is stored)."""

@@ -13,7 +13,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -72,9 +72,13 @@ class Liveness:
         self._store = store
         self._seen_at: dict[str, float] = {}
         self._state: dict[str, str] = {}  # ONLINE or OFFLINE; absent means never seen
+        # Taken over from a host that is down, not heard here yet (cluster.enabled).
+        self._adopted: set[str] = set()
         self._dirty: set[str] = set()
         self._counts = dict.fromkeys(STATES, 0)
         self._last_sweep: tuple[float, float] | None = None  # (wall, monotonic) clocks
+        # In a cluster: whether this host owns a device now. Only the owner judges it.
+        self._owns: Callable[[str], bool] | None = None
 
     # -- start and reload --------------------------------------------------------------
     async def load(self) -> None:
@@ -98,8 +102,30 @@ class Liveness:
     def seen(self, device: Device, at: float) -> None:
         self._seen_at[device.device_id] = at
         self._dirty.add(device.device_id)
+        if self._adopted:
+            self._adopted.discard(device.device_id)
         if self._state.get(device.device_id) != ONLINE:
             self._change(device, ONLINE, at, "uplink received")
+
+    # -- ownership (cluster.enabled) ---------------------------------------------------
+    def owners_changed(self, owns: Callable[[str], bool], now: float) -> None:
+        """The live hosts changed: judge only the devices this host owns from now on, and
+        give each the full offline window under its new owner. A device this host took
+        over and never heard (its state lived on the host that is down) is judged too,
+        from now: silent for the window, it goes offline, saying it was taken over."""
+        self._owns = owns
+        for device in self._registry:
+            device_id = device.device_id
+            if not owns(device_id):
+                continue
+            if device_id in self._state:
+                if self._state[device_id] == ONLINE:
+                    self._seen_at[device_id] = max(self._seen_at[device_id], now)
+            else:
+                self._state[device_id] = ONLINE
+                self._seen_at[device_id] = now
+                self._adopted.add(device_id)
+        self._update_gauges()
 
     # -- the periodic sweep ------------------------------------------------------------
     def sweep(self, now: float) -> int:
@@ -109,10 +135,15 @@ class Liveness:
         for device in self._online_devices():
             silent_s = now - self._seen_at[device.device_id]
             if silent_s > device.report_interval_s * self._offline_after:
-                self._change(device, OFFLINE, self._seen_at[device.device_id],
-                             f"no uplink for {silent_s:.0f}s "
-                             f"({self._offline_after:g} x {device.report_interval_s}s interval)")
+                reason = (f"no uplink for {silent_s:.0f}s "
+                          f"({self._offline_after:g} x {device.report_interval_s}s interval)")
+                if device.device_id in self._adopted:
+                    self._adopted.discard(device.device_id)
+                    reason += " since this host took it over from a host that is down"
+                self._change(device, OFFLINE, self._seen_at[device.device_id], reason)
                 changed += 1
+        if self._owns is not None:
+            self._update_gauges()
         return changed
 
     def _follow_clock_jump(self, wall: float, mono: float) -> None:
@@ -134,8 +165,9 @@ class Liveness:
                     jump_s, len(self._seen_at))
 
     def _online_devices(self) -> Iterator[Device]:
+        owns = self._owns
         for device_id, state in list(self._state.items()):
-            if state == ONLINE:
+            if state == ONLINE and (owns is None or owns(device_id)):
                 device = self._registry.get(device_id)
                 if device is not None:
                     yield device
@@ -144,7 +176,7 @@ class Liveness:
         if not self._dirty:
             return
         rows = [(d, self._seen_at[d], self._state.get(d, ONLINE))
-                for d in self._dirty if d in self._seen_at]
+                for d in self._dirty if d in self._seen_at and d not in self._adopted]
         self._dirty = set()
         await asyncio.to_thread(self._store.save, rows)
 
@@ -169,10 +201,18 @@ class Liveness:
             log.info("device %s offline: %s", device.device_id, reason)
 
     def _update_gauges(self) -> None:
-        """Recount every state (on load and reload; changes adjust the counts in O(1))."""
-        online = sum(1 for s in self._state.values() if s == ONLINE)
-        self._counts = {ONLINE: online, OFFLINE: len(self._state) - online,
-                        NEVER_SEEN: len(self._registry) - len(self._state)}
+        """Recount every state (on load and reload; changes adjust the counts in O(1)). In
+        a cluster: of the devices this host owns, recounted at each sweep."""
+        owns = self._owns
+        if owns is None:
+            online = sum(1 for s in self._state.values() if s == ONLINE)
+            known, devices = len(self._state), len(self._registry)
+        else:
+            owned = [d for d in self._state if owns(d)]
+            online = sum(1 for d in owned if self._state[d] == ONLINE)
+            known = len(owned)
+            devices = sum(1 for device in self._registry if owns(device.device_id))
+        self._counts = {ONLINE: online, OFFLINE: known - online, NEVER_SEEN: devices - known}
         for state, n in self._counts.items():
             self._metrics.devices.labels(state).set(n)
 

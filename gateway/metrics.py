@@ -205,6 +205,51 @@ class Metrics:
         # own values are dropped there); a single process reports 1 and 1.
         self.workers = Gauge(f"{NS}_workers", WORKERS_HELP, registry=r)
         self.workers_up = Gauge(f"{NS}_workers_up", WORKERS_UP_HELP, registry=r)
+        # -- cluster (cluster.enabled) ------------------------------------------------------
+        self.cluster_peer_up = Gauge(
+            f"{NS}_cluster_peer_up",
+            "1 while this host hears the peer gateway host's heartbeats, 0 once it has been "
+            "silent for cluster.peer_dead_after_s: its devices are then served by the "
+            "others. One series per configured peer host.", ["host"], registry=r)
+        self.cluster_hosts_alive = Gauge(
+            f"{NS}_cluster_hosts_alive",
+            "Gateway hosts this host hears, itself included (compare with the configured "
+            "count: a host that hears fewer may disagree with its peers on owners).",
+            registry=r)
+        self.cluster_devices_owned = Gauge(
+            f"{NS}_cluster_devices_owned",
+            "Registry devices this host owns now (judges their uplinks, liveness, "
+            "downlinks).", registry=r)
+        self.cluster_devices_taken_over = Gauge(
+            f"{NS}_cluster_devices_taken_over",
+            "Devices this host owns now because their home host is not heard: above 0, a "
+            "host is down and this one serves its devices.", registry=r)
+        self.cluster_forwarded = Counter(
+            f"{NS}_cluster_forwarded_datagrams",
+            "Uplink datagrams received here and sent on to the gateway host owning their "
+            "device (the balancer hashes on addresses, not on devices).", registry=r)
+        self.cluster_relayed = Counter(
+            f"{NS}_cluster_relayed_datagrams",
+            "Uplink datagrams another host forwarded here, to their device's owner.",
+            registry=r)
+        self.cluster_forward_failed = Counter(
+            f"{NS}_cluster_forward_failed",
+            "Datagrams or replies that could not be sent to a peer host (its address "
+            "unreachable, a full socket buffer); the device retransmits.", registry=r)
+        self.cluster_peer_rejected = Counter(
+            f"{NS}_cluster_peer_messages_rejected",
+            "Messages on the peer channel dropped unread, by reason: bad_mac (wrong "
+            "cluster.secret or forged), unknown_host, wrong_source (not from the address "
+            "cluster.hosts names), malformed.", ["reason"], registry=r)
+        self.cluster_membership_changes = Counter(
+            f"{NS}_cluster_membership_changes",
+            "Times the set of live hosts this host hears changed (devices moved).",
+            registry=r)
+        self.broker_ack_timeouts = Counter(
+            f"{NS}_broker_ack_timeouts",
+            "cluster.ack = broker: uplinks answered 5.03 because the broker did not PUBACK "
+            "them within cluster.broker_ack_timeout_s (they stay spooled and are published; "
+            "the device's retry is a duplicate).", registry=r)
         self.dtls_sessions = Gauge(
             f"{NS}_dtls_sessions",
             "coaps (DTLS) sessions held, handshakes that failed included (coaps.max_sessions).",

@@ -7,6 +7,7 @@ is durable in the spool. Rejections are counted by reason and kept as dead lette
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -108,6 +109,10 @@ class Pipeline:
         self._topic_base = f"{prefix}/{tenant}"
         self._invalid_topic = f"{prefix}/{tenant}/invalid"
         self._overload_max_age_s = settings.coap.overload_max_age_s
+        # cluster.ack = "broker": a 2.04 waits for the broker's PUBACK, not only the disk.
+        self._broker_ack = settings.cluster.enabled and settings.cluster.ack == "broker"
+        self._broker_ack_timeout_s = settings.cluster.broker_ack_timeout_s
+        self.broker_connected: Callable[[], bool] = lambda: True  # the service sets it
         metrics.registry_devices.set(len(registry))
 
     def replace_registry(self, registry: Registry, settings: Settings,
@@ -191,10 +196,18 @@ class Pipeline:
             if pending is not None:  # the same seq is being committed right now
                 self._metrics.uplinks_duplicate.inc()
                 pending[1].append(reply)
+                if self._broker_ack:
+                    asyncio.get_running_loop().call_later(
+                        self._broker_ack_timeout_s, self._unconfirmed, pending[1], reply)
                 return
             seen = self._seqs.check(device.device_id, seq, report.device_time)
             if seen is Seen.DUPLICATE:
                 self._metrics.uplinks_duplicate.inc()
+                if self._broker_ack and self._spool.unpublished_from_before:
+                    # Spooled before a restart, maybe not yet PUBACKed: no 2.04 yet.
+                    raise UplinkRejected(C.SERVICE_UNAVAILABLE, "broker_unconfirmed",
+                                         "not yet confirmed by the broker, retry later",
+                                         max_age_s=self._overload_max_age_s)
                 self._liveness.seen(device, uplink.received_at)
                 reply(self._accepted(device, uplink))
                 return
@@ -216,6 +229,10 @@ class Pipeline:
         if self._in_flight >= self._max_in_flight:
             raise UplinkRejected(C.SERVICE_UNAVAILABLE, "overloaded", "overloaded, retry later",
                                  max_age_s=self._overload_max_age_s)
+        if self._broker_ack and not self.broker_connected():
+            raise UplinkRejected(C.SERVICE_UNAVAILABLE, "broker_unavailable",
+                                 "no broker node reachable, retry later",
+                                 max_age_s=self._overload_max_age_s)
         accepted_seq: SeqAccept | None = None
         if seq is not None:
             if seen is Seen.RESET:
@@ -225,6 +242,10 @@ class Pipeline:
             self._seqs.accept(*accepted_seq)
             self._pending[(device.device_id, seq)] = (accepted_seq, [])
         self._in_flight += 1  # from here on, nothing can raise before on_durable is queued
+        if self._broker_ack:
+            self._append_until_published(record, device, uplink, report.ack, seq,
+                                         accepted_seq, reply)
+            return
 
         def on_durable(ok: bool) -> None:
             if ok and report.ack is not None:
@@ -256,6 +277,82 @@ class Pipeline:
                 waiter(verdict)
 
         self._spool.append(record, on_durable, accepted_seq)
+
+    def _append_until_published(self, record: Record, device: Device, uplink: Uplink,
+                                ack: str | None, seq: int | None,
+                                accepted_seq: SeqAccept | None, reply: Reply) -> None:
+        """cluster.ack = "broker": spool the record, answer 2.04 once the broker PUBACKed
+        it (a host lost for good then loses nothing it acknowledged), 5.03 with Max-Age if
+        that takes over cluster.broker_ack_timeout_s. A timed-out record stays spooled and
+        is published; the device's retry of it waits for that PUBACK in turn."""
+        loop = asyncio.get_running_loop()
+        waiting = [reply]  # this uplink's replies, its retransmissions' joined in
+        if accepted_seq is not None:
+            self._pending[(device.device_id, accepted_seq[1])] = (accepted_seq, waiting)
+        timer: asyncio.TimerHandle | None = None
+        in_flight = True
+
+        def left_flight() -> None:
+            nonlocal in_flight
+            if in_flight:
+                in_flight = False
+                self._in_flight -= 1
+
+        def on_durable(ok: bool) -> None:
+            nonlocal timer
+            if ok:
+                timer = loop.call_later(self._broker_ack_timeout_s, timed_out)
+            else:
+                finish(False)
+
+        def timed_out() -> None:
+            left_flight()
+            self._metrics.broker_ack_timeouts.inc()
+            verdict = self._unconfirmed_verdict()
+            answered = waiting[:]
+            waiting.clear()
+            for waiter in answered:
+                waiter(verdict)
+
+        def published() -> None:
+            if timer is not None:
+                timer.cancel()
+            if ack is not None:
+                self._downlink.confirm(device.device_id, device.device_type, ack,
+                                       lambda: finish(True))
+            else:
+                finish(True)
+
+        def finish(ok: bool) -> None:
+            left_flight()
+            if seq is not None:
+                self._pending.pop((device.device_id, seq), None)
+            if ok:
+                self._liveness.seen(device, uplink.received_at)
+                self._metrics.uplinks_accepted.inc()
+                if not waiting:
+                    return  # answered 5.03 at the timeout; no retry waits: no command rides
+                self._metrics.uplink_ack_seconds.observe(time.monotonic() - uplink.received_mono)
+                verdict = self._accepted(device, uplink)
+            else:
+                self._metrics.uplinks_rejected.labels("spool_error").inc()
+                verdict = Verdict(C.SERVICE_UNAVAILABLE, b"spool write failed",
+                                  max_age_s=self._overload_max_age_s)
+            for waiter in waiting:
+                waiter(verdict)
+
+        self._spool.append(record, on_durable, accepted_seq, on_published=published)
+
+    def _unconfirmed_verdict(self) -> Verdict:
+        return Verdict(C.SERVICE_UNAVAILABLE, b"broker has not confirmed, retry later",
+                       C.CONTENT_FORMAT_TEXT, self._overload_max_age_s, authenticated=True)
+
+    def _unconfirmed(self, waiting: list[Reply], reply: Reply) -> None:
+        """A retransmission still waiting for its uplink's PUBACK after the timeout."""
+        if reply in waiting:
+            waiting.remove(reply)
+            self._metrics.broker_ack_timeouts.inc()
+            reply(self._unconfirmed_verdict())
 
     def _roll_back_seqs(self, before: dict[str, SeqState | None],
                         failed: set[tuple[str, int]]) -> None:

@@ -60,9 +60,12 @@ class Publisher:
 
     def __init__(self, mqtt: MqttSection, gateway_id: str, spool: Spool, metrics: Metrics,
                  tenant: str = "", on_command: CommandHandler | None = None,
-                 worker: int | None = None) -> None:
+                 worker: int | None = None,
+                 on_command_state: Callable[[str, bytes], None] | None = None) -> None:
         self._command_filter = f"{mqtt.topic_prefix}/{tenant}/+/+/down"
         self._on_command = on_command
+        # A cluster: the command states other hosts publish ({...}/down/ack), by device id.
+        self._on_command_state = on_command_state
         self._mqtt = mqtt
         self._spool = spool
         self._metrics = metrics
@@ -73,31 +76,51 @@ class Publisher:
         if worker:  # worker 0 keeps the single process's session (and its subscription)
             self._client_id += f"-w{worker}"
         self._backoff = Backoff(mqtt.reconnect_min_s, mqtt.reconnect_max_s)
+        self._brokers = mqtt.broker_addresses()
+        self._broker_index = 0
+        self.broker = "{}:{}".format(*self._brokers[0])  # the node connected to, or tried last
         self._acked: list[Record] = []
         self._ack_arrived = asyncio.Event()
         self.connected = False
 
     async def _connect(self) -> MqttClient:
+        """Connect to the first broker node that answers, starting with the last one that
+        worked; raise the last node's MqttError if none does."""
         tls_context = None
         if self._mqtt.tls:
             tls_context = ssl.create_default_context(
                 cafile=str(self._mqtt.tls_ca_file) if self._mqtt.tls_ca_file else None
             )
         password = self._mqtt.password.get_secret_value() if self._mqtt.password else None
-        return await MqttClient.connect(
-            self._mqtt.host,
-            self._mqtt.port,
-            client_id=self._client_id,
-            keepalive_s=self._mqtt.keepalive_s,
-            username=self._mqtt.username,
-            password=password,
-            will=Will(self._status_topic, b"offline", qos=1, retain=True)
-            if self._status_topic else None,
-            tls=tls_context,
-            # A persistent session: commands published for devices while the gateway is
-            # away wait in the broker. Our own QoS 1 publishes are re-sent from the spool.
-            clean_session=False,
-        )
+        error = MqttError("no broker configured")
+        for attempt in range(len(self._brokers)):
+            host, port = self._brokers[(self._broker_index + attempt) % len(self._brokers)]
+            try:
+                client = await MqttClient.connect(
+                    host,
+                    port,
+                    client_id=self._client_id,
+                    keepalive_s=self._mqtt.keepalive_s,
+                    username=self._mqtt.username,
+                    password=password,
+                    will=Will(self._status_topic, b"offline", qos=1, retain=True)
+                    if self._status_topic else None,
+                    tls=tls_context,
+                    # A persistent session: commands published for devices while the
+                    # gateway is away wait in the broker. Our own QoS 1 publishes are
+                    # re-sent from the spool.
+                    clean_session=False,
+                )
+            except MqttError as e:
+                if len(self._brokers) > 1:
+                    log.warning("broker node %s:%d unavailable (%s); trying the next",
+                                host, port, e)
+                error = e
+                continue
+            self._broker_index = (self._broker_index + attempt) % len(self._brokers)
+            self.broker = f"{host}:{port}"
+            return client
+        raise error
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until `stop` is set and the spool is empty; reconnect as needed."""
@@ -111,17 +134,19 @@ class Publisher:
                     client.abort()
             except MqttError as e:
                 self._set_connected(False)
+                # A node that dropped us (RabbitMQ does on a queue leader change) or died:
+                # the next attempt starts with the next node.
+                self._broker_index = (self._broker_index + 1) % len(self._brokers)
                 if stop.is_set():
                     # Stopping: the spool keeps the rest for the next start; retrying here
                     # would only delay the stop (and hammer the broker) for nothing.
-                    log.warning("broker %s:%d unavailable while stopping (%s); %d records stay "
-                                "spooled", self._mqtt.host, self._mqtt.port, e,
-                                self._spool.records)
+                    log.warning("broker %s unavailable while stopping (%s); %d records stay "
+                                "spooled", self._where(), e, self._spool.records)
                     return
                 self._metrics.mqtt_reconnects.inc()
                 delay = self._backoff.next_delay()
-                log.warning("broker %s:%d unavailable (%s); %d records spooled; retry in %.1fs",
-                            self._mqtt.host, self._mqtt.port, e, self._spool.records, delay)
+                log.warning("broker %s unavailable (%s); %d records spooled; retry in %.1fs",
+                            self._where(), e, self._spool.records, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
@@ -130,11 +155,13 @@ class Publisher:
             await client.publish_and_wait(self._status_topic, b"online", qos=1, retain=True)
         self._set_connected(True)
         self._backoff.reset()
-        log.info("connected to broker %s:%d as %s; %d records to publish",
-                 self._mqtt.host, self._mqtt.port, self._client_id, self._spool.records)
+        log.info("connected to broker %s as %s; %d records to publish",
+                 self.broker, self._client_id, self._spool.records)
         commands: asyncio.Task[None] | None = None
         if self._on_command is not None:
             await client.subscribe(self._command_filter, qos=1)
+            if self._on_command_state is not None:
+                await client.subscribe(self._command_filter + "/ack", qos=1)
             commands = asyncio.create_task(self._receive_commands(client, self._on_command),
                                            name="mqtt-commands")
         try:
@@ -204,6 +231,10 @@ class Publisher:
                 return  # the connection closed
             message = getter.result()
             parts = message.topic.split("/")
+            if len(parts) == 6 and parts[4:] == ["down", "ack"] and self._on_command_state:
+                self._on_command_state(parts[3], message.payload)
+                client.ack(message)
+                continue
             # prefix/tenant/type/id/down; a retained command would come back at every
             # reconnect and be queued again after it was confirmed: ignored, and said so.
             if len(parts) != 5 or message.retain:
@@ -232,6 +263,11 @@ class Publisher:
             self._metrics.mqtt_published.inc(len(self._acked))
             self._spool.delete(self._acked)
             self._acked = []
+
+    def _where(self) -> str:
+        if len(self._brokers) == 1:
+            return self.broker
+        return f"cluster ({len(self._brokers)} nodes, last tried {self.broker})"
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected

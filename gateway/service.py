@@ -11,11 +11,14 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import gctune
-from gateway.coap.server import CoapServer, UplinkSink, bind_udp
+from gateway.cluster.membership import rank
+from gateway.coap import wire
+from gateway.coap.server import Address, CoapServer, UplinkSink, bind_udp
 from gateway.config import Settings, load_config
 from gateway.downlink import MAX_COMMAND_BYTES, TOO_LARGE, Downlink, DownlinkStore
 from gateway.errors import ConfigError
@@ -29,6 +32,7 @@ from gateway.spool import Spool
 from gateway.workers import WorkerLinks, state_files, worker_share
 
 if TYPE_CHECKING:
+    from gateway.cluster.peers import PeerChannel
     from gateway.coap.dtls import DtlsServer
     from gateway.siblings import Siblings
 
@@ -47,6 +51,7 @@ class Service:
         self.settings = worker_share(settings, self._workers)
         self.config_path = config_path
         self._siblings: Siblings | None = None
+        self._peers: PeerChannel | None = None
         self._control_task: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self.stop = asyncio.Event()
@@ -81,6 +86,7 @@ class Service:
         s = self.settings
         started = time.monotonic()
         gctune.tune()
+
         every_device, registry = self._load_registry(s)
         assert s.liveness.path is not None  # load_config derives it from the spool path
         files = state_files(s.spool.path, s.liveness.path, self._worker, self._workers)
@@ -108,11 +114,12 @@ class Service:
             from gateway.siblings import Siblings
 
             self._siblings = Siblings(self._worker, self._links.inbox, self._links.outboxes, m)
+        if s.cluster.enabled:
+            self._peers = self._cluster_channel(registry)
         if s.coap.enabled:
             self._coap = coap = CoapServer(
                 self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
-                dedup_max_entries=s.coap.dedup_max_entries,
-                router=self._siblings.route if self._siblings else None)
+                dedup_max_entries=s.coap.dedup_max_entries, router=self._router())
             if self._links is not None:
                 assert self._links.udp is not None  # bound when coap.enabled
                 sock = self._links.udp  # bound by the supervisor, SO_REUSEPORT
@@ -125,6 +132,9 @@ class Service:
         if self._siblings is not None:
             self._siblings.start(self._coap.datagram_received if self._coap else _drop,
                                  self._downlink.receive, self._pipeline)
+        if self._peers is not None and self._coap is not None:
+            listening.append(await self._peers.start(self._coap.datagram_received,
+                                                     self._coap.send_to_device))
         metrics_where = "disabled"
         if self._links is not None:
             metrics_where = "served by the supervisor"
@@ -134,9 +144,12 @@ class Service:
             metrics_where = f"http://{s.metrics.bind}:{port}/metrics"
         # One subscription for downlink commands, in worker 0 (the session of a single
         # process, so changing gateway.workers keeps it); it hands other workers theirs.
-        self._publisher = Publisher(s.mqtt, s.gateway.id, spool, m, s.gateway.tenant,
+        self._publisher = publisher = Publisher(s.mqtt, s.gateway.id, spool, m, s.gateway.tenant,
                                     on_command=self._on_command if self._worker == 0 else None,
-                                    worker=self._worker if self._links else None)
+                                    worker=self._worker if self._links else None,
+                                    on_command_state=self._downlink.settled_elsewhere
+                                    if self._peers is not None and self._workers == 1 else None)
+        self._pipeline.broker_connected = lambda: publisher.connected
         self._publisher_task = asyncio.create_task(
             self._publisher.run(self._publisher_stop), name="publisher")
         self._background = [
@@ -150,9 +163,10 @@ class Service:
             loop.add_signal_handler(sig, handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_AND_RELOAD)  # a worker blocks them
         log.info("gateway %s ready: %s, %d devices, %d types, spool %s "
-                 "(%d records waiting), broker %s:%d, metrics %s, started in %.2fs",
+                 "(%d records waiting), broker %s, metrics %s, started in %.2fs",
                  s.gateway.id, ", ".join(listening), len(registry), len(s.types), files.spool,
-                 spool.records, s.mqtt.host, s.mqtt.port, metrics_where,
+                 spool.records, ", ".join(f"{h}:{p}" for h, p in s.mqtt.broker_addresses()),
+                 metrics_where,
                  time.monotonic() - started)
         gctune.settle()  # what startup built stays out of every later collection
         if self._links is not None:
@@ -164,6 +178,39 @@ class Service:
             return  # the supervisor speaks to systemd
         self._notifier.send("READY=1\n" + self._status_line())
         self._notifier.start()
+
+    def _cluster_channel(self, registry: Registry) -> PeerChannel:
+        """The peer channel and this host's view of its peers; liveness and the ownership
+        gauges follow every change of who is alive."""
+        from gateway.cluster.membership import Membership
+        from gateway.cluster.peers import PeerChannel
+
+        cluster = self.settings.cluster
+        assert cluster.host is not None and self._liveness is not None  # config checked
+        membership = Membership(cluster.host, cluster.hosts, cluster.peer_dead_after_s)
+        peers = PeerChannel(cluster, self._worker, self._workers, self.metrics, membership)
+        liveness, metrics = self._liveness, self.metrics
+
+        def changed(before: tuple[str, ...], alive: tuple[str, ...]) -> None:
+            owned, taken = peers.taken_over([device.device_id for device in registry])
+            metrics.cluster_devices_owned.set(owned)
+            metrics.cluster_devices_taken_over.set(taken)
+            liveness.owners_changed(membership.owns, time.time())
+
+        membership.on_change.append(changed)
+        changed((), membership.alive)
+        return peers
+
+    def _router(self) -> Callable[[wire.Message, bytes, Address], bool] | None:
+        """Where an uplink datagram goes before this process handles it: to the host owning
+        its device (cluster), else to the worker owning it (workers)."""
+        peers, siblings = self._peers, self._siblings
+        if peers is None:
+            return siblings.route if siblings is not None else None
+        if siblings is None:
+            return peers.route
+        return lambda msg, data, addr: (peers.route(msg, data, addr)
+                                        or siblings.route(msg, data, addr))
 
     async def _start_dtls(self, registry: Registry) -> str:
         from gateway.coap.dtls import DtlsServer  # aiocoap's server side: only when enabled
@@ -248,6 +295,16 @@ class Service:
 
     async def _on_command(self, device_type: str, device_id: str, payload: bytes) -> None:
         assert self._downlink is not None
+        if self._peers is not None and self._workers == 1:
+            # Every host hears every command: the device's home host and the one that
+            # serves it when home is down keep it (it survives the loss of either); the
+            # one a device talks to delivers it, and the others drop theirs on its
+            # `confirmed` (settled_elsewhere).
+            keepers = rank(device_id, self._peers.membership.hosts)[:2]
+            if self._peers.me in keepers:
+                await self._downlink.receive(device_type, device_id, payload,
+                                             announce=keepers[0] == self._peers.me)
+            return
         if self._siblings is None or self._siblings.owns(device_id):
             await self._downlink.receive(device_type, device_id, payload)
         elif len(payload) > MAX_COMMAND_BYTES:  # the owner would refuse it: no need to send
@@ -369,6 +426,8 @@ class Service:
             await asyncio.wait_for(self._spool.wait_committed(), COMMIT_WAIT_S)
         if self._coap is not None:
             self._coap.close()
+        if self._peers is not None:
+            self._peers.close()
         if self._siblings is not None:
             self._siblings.close()
         if self._control_task is not None:

@@ -297,6 +297,12 @@ class Spool:
         self.last_commit_failed = False  # for /readyz: the disk refuses writes right now
         self.on_rollback: OnRollback | None = None
         self.seq_states: dict[str, SeqState] = {}  # as saved, read once at open
+        # What waits for a record's PUBACK (cluster.ack = "broker"): by the appended
+        # object until it is committed, then by its id until the publisher deletes it.
+        self._awaiting_commit: dict[int, Callable[[], None]] = {}
+        self._awaiting_publish: dict[int, Callable[[], None]] = {}
+        self._first_new_id = 1  # records below it were in the file at open
+        self.unpublished_from_before = 0  # of those, not yet deleted (published)
         # Writer thread only: the next record id, accepts logged since the last fold and
         # the devices they touched, and when a failed fold may be tried again.
         self._next_id = 1
@@ -334,7 +340,8 @@ class Spool:
                 raise
             raise SpoolError(f"cannot open spool {self.path}: {e}") from e
         self._records = count
-        self._next_id = last_id + 1
+        self._next_id = self._first_new_id = last_id + 1
+        self.unpublished_from_before = count
         self._saved_seqs = ReplayWindow(self.seq_states)  # the writer thread's own copy
         self._mem_from_id = last_id + 1  # older records are read from the file
         self._bytes = size + count * ROW_OVERHEAD_BYTES
@@ -371,9 +378,13 @@ class Spool:
         return self._bytes + nbytes <= self.max_bytes
 
     def append(self, record: Record, on_durable: OnDurable | None,
-               accepted_seq: SeqAccept | None = None) -> None:
+               accepted_seq: SeqAccept | None = None,
+               on_published: Callable[[], None] | None = None) -> None:
         """Queue a record; `on_durable(True)` runs on the loop once it is committed.
-        `accepted_seq` updates the device's saved replay window in the same transaction."""
+        `accepted_seq` updates the device's saved replay window in the same transaction.
+        `on_published` runs once the broker acknowledged it (the publisher deletes it)."""
+        if on_published is not None:
+            self._awaiting_commit[id(record)] = on_published
         self._bytes += record_size(record)
         self._uncommitted += 1
         self._drained.clear()
@@ -434,6 +445,17 @@ class Spool:
             return
         self._bytes -= sum(record_size(r) for r in records)
         self._records -= len(records)
+        waiting = self._awaiting_publish
+        for r in records:
+            if r.spool_id < self._first_new_id:
+                self.unpublished_from_before -= 1
+            elif waiting:
+                published = waiting.pop(r.spool_id, None)
+                if published is not None:
+                    try:
+                        published()
+                    except Exception:  # one broken callback must not strand the rest
+                        log.exception("callback of a published spool record failed")
         self._deletes_pending += len(records)
         self._deleted.clear()
         self._queue.put([r.spool_id for r in records])
@@ -631,6 +653,11 @@ class Spool:
         self._deletes_pending -= deleted
         if not self._deletes_pending:
             self._deleted.set()
+        if self._awaiting_commit:
+            for offset, (record, _, _, _) in enumerate(batch):
+                published = self._awaiting_commit.pop(id(record), None)
+                if published is not None and ok:
+                    self._awaiting_publish[first_id + offset] = published
         if ok:
             self._records += len(batch)
             if batch:

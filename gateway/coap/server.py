@@ -26,6 +26,9 @@ from gateway.model import Uplink, Verdict
 
 log = logging.getLogger(__name__)
 
+# A device's (host, port, ...) as the socket gives it; or, for a datagram another gateway
+# host relayed here (gateway/cluster/peers.py), (host, port, send): replies go through
+# `send`, back to the host the device talks to.
 Address = tuple[Any, ...]
 BLOCK_STATE_LIFETIME_S = C.EXCHANGE_LIFETIME_S
 MAX_BLOCK_TRANSFERS = 10_000
@@ -120,8 +123,10 @@ class CoapServer(asyncio.DatagramProtocol):
             if msg.mtype == C.CON:
                 self._send(wire.encode(wire.Message(C.RST, C.EMPTY, msg.mid)), addr)
             return
-        if self._router is not None and self._router(msg, data, addr):
-            return  # another worker owns this device: its reply cache and state answer
+        if self._router is not None and len(addr) != 3 and self._router(msg, data, addr):
+            # Another worker or host owns this device: its reply cache and state answer.
+            # A relayed datagram is ours: never relayed twice.
+            return
         key = (addr[:2], msg.mid)
         cached = self._replies.get(key)
         if cached is not None and not _same_token(cached, msg.token):
@@ -325,8 +330,14 @@ class CoapServer(asyncio.DatagramProtocol):
         return wire.encode(wire.Message(mtype, code, mid, request.token))
 
     def _send(self, data: bytes, addr: Address) -> None:
-        if self._transport is not None and not self._transport.is_closing():
+        if len(addr) == 3:
+            addr[2](data, addr[:2])  # relayed: the reply goes back through its host
+        elif self._transport is not None and not self._transport.is_closing():
             self._transport.sendto(data, addr)
+
+    def send_to_device(self, data: bytes, addr: Address) -> None:
+        """A reply the device's owner (another gateway host) made, sent from our socket."""
+        self._send(data, addr[:2])
 
     # -- the reply cache (RFC 7252 4.5) ------------------------------------------------
     def _remember(self, key: tuple[Address, int], data: bytes) -> None:

@@ -1,0 +1,249 @@
+"""Gateway hosts in a cluster (cluster.enabled), on loopback with mosquitto: any host
+accepts any device's datagram and its owner answers; a dead host's devices are served by
+the others and come back to it; the peer channel refuses what is not from a peer."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiocoap
+import pytest
+
+from gateway.cluster.membership import rank
+from gateway.cluster.uplink_queue import binding_matches
+from tests.coap_raw import RawCoap, uplink_request
+from tests.conftest import DEVICES, Broker, Gateway, Subscription, free_port, wait_for
+
+HOSTS = ("h1", "h2", "h3")
+SECRET = "test-cluster-secret-0123456789"
+DEAD_AFTER_S = 1.0
+
+
+def cluster_toml(me: str, peer_ports: dict[str, int], ack: str = "disk") -> str:
+    hosts = "\n".join(f'{name} = "127.0.0.1:{port}"' for name, port in peer_ports.items())
+    return (f'[cluster]\nenabled = true\nhost = "{me}"\nsecret = "{SECRET}"\nack = "{ack}"\n'
+            f'heartbeat_interval_s = 0.2\npeer_dead_after_s = {DEAD_AFTER_S}\n'
+            f'check_uplink_queue = false\nbroker_ack_timeout_s = 1.0\n'
+            f'[cluster.hosts]\n{hosts}\n')
+
+
+class Cluster:
+    def __init__(self, broker: Broker, tmp_path: Path, names: tuple[str, ...], ack: str) -> None:
+        self.peer_ports = {name: free_port(socket.SOCK_DGRAM) for name in names}
+        self.hosts: dict[str, Gateway] = {}
+        for name in names:
+            workdir = tmp_path / name
+            workdir.mkdir()
+            gw = Gateway(workdir, broker.port)
+            gw.write_config(cluster_toml(name, self.peer_ports, ack))
+            text = gw.config_path.read_text().replace('id = "gw-test"', f'id = "gw-{name}"')
+            gw.config_path.write_text(text)
+            self.hosts[name] = gw
+
+    def start(self) -> None:
+        for gw in self.hosts.values():
+            gw.start()
+        wait_for(lambda: all(gw.metric("nbiot_gateway_cluster_hosts_alive") == len(self.hosts)
+                             for gw in self.hosts.values()), what="every host hears the others")
+
+    def stop(self) -> None:
+        for gw in self.hosts.values():
+            if gw.proc is not None:
+                gw.kill()
+
+
+@pytest.fixture
+def cluster(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(names: tuple[str, ...] = HOSTS, ack: str = "disk") -> Cluster:
+        c = Cluster(broker, tmp_path, names, ack)
+        made.append(c)
+        c.start()
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def send(gw: Gateway, device_id: str, seq: int) -> aiocoap.Message:
+    device = next(d for d in DEVICES if d.device_id == device_id)
+    with RawCoap(gw.coap_port) as client:
+        return client.exchange(uplink_request(gw.uri(device), {"seq": seq, "temperature": 21.5}))
+
+
+def home_of(device_id: str, alive: tuple[str, ...] = HOSTS) -> str:
+    return rank(device_id, alive)[0]
+
+
+def test_a_device_is_answered_through_any_host_and_judged_by_its_owner(
+        cluster: Callable[..., Cluster], subscribe: Callable[[str], Subscription]) -> None:
+    c = cluster()
+    sub = subscribe("nbiot/plant/+/+/up")
+    home = home_of("th-1")
+    others = [name for name in HOSTS if name != home]
+    for seq, name in enumerate(HOSTS, start=1):
+        reply = send(c.hosts[name], "th-1", seq)
+        assert reply.code == aiocoap.CHANGED, reply
+    # The same seq again through another host: the owner's replay window catches it.
+    assert send(c.hosts[others[0]], "th-1", 3).code == aiocoap.CHANGED
+    sub.wait_count(3)
+    owner = c.hosts[home]
+    wait_for(lambda: owner.metric("nbiot_gateway_mqtt_published_total") >= 3, what="published")
+    assert sorted(m["seq"] for m in sub.messages()) == [1, 2, 3]
+    assert owner.metric("nbiot_gateway_uplinks_accepted_total") == 3
+    assert owner.metric("nbiot_gateway_uplinks_duplicate_total") == 1
+    assert owner.metric("nbiot_gateway_cluster_relayed_datagrams_total") == 3
+    for name in others:
+        assert c.hosts[name].metric("nbiot_gateway_uplinks_received_total") == 0
+        assert c.hosts[name].metric("nbiot_gateway_cluster_forwarded_datagrams_total") >= 1
+
+
+def test_a_dead_hosts_devices_are_served_by_the_others_and_move_back(
+        cluster: Callable[..., Cluster], subscribe: Callable[[str], Subscription]) -> None:
+    c = cluster()
+    sub = subscribe("nbiot/plant/+/+/up")
+    home = home_of("th-1")
+    entry = next(name for name in HOSTS if name != home)
+    assert send(c.hosts[entry], "th-1", 1).code == aiocoap.CHANGED
+    c.hosts[home].kill()
+    heir = home_of("th-1", tuple(n for n in HOSTS if n != home))
+    wait_for(lambda: all(c.hosts[n].metric("nbiot_gateway_cluster_hosts_alive") == 2
+                         for n in {entry, heir}), what=f"{entry} and {heir} notice {home} died")
+    assert c.hosts[heir].metric("nbiot_gateway_cluster_devices_taken_over") >= 1
+    assert send(c.hosts[entry], "th-1", 2).code == aiocoap.CHANGED
+    assert c.hosts[heir].metric("nbiot_gateway_uplinks_accepted_total") == 1
+    c.hosts[home].start()
+    wait_for(lambda: all(c.hosts[n].metric("nbiot_gateway_cluster_hosts_alive") == 3
+                         for n in HOSTS), what=f"every host hears {home} again")
+    assert send(c.hosts[entry], "th-1", 3).code == aiocoap.CHANGED
+    assert c.hosts[home].metric("nbiot_gateway_uplinks_accepted_total") == 1
+    # None lost; seq 1 may come twice (kill -9 can undo the deletion of a published record).
+    assert sorted({m["seq"] for m in sub.wait_count(3)}) == [1, 2, 3]
+
+
+def test_the_peer_channel_drops_forged_and_foreign_messages(
+        cluster: Callable[..., Cluster]) -> None:
+    c = cluster(("h1", "h2"))
+    target = c.hosts["h1"]
+    port = c.peer_ports["h1"]
+    datagram = uplink_request(target.uri(DEVICES[0]), {"seq": 1, "temperature": 20.0}).encode()
+    body = struct.pack("!HB", 40000, 9) + b"127.0.0.1" + datagram
+    message = struct.pack("!BcB", 1, b"F", 2) + b"h2" + struct.pack("!B", 0) + body
+    forged = message + b"\0" * 16
+    wrong_key = message + hmac.new(b"not-the-secret-at-all", message,
+                                   hashlib.sha256).digest()[:16]
+    unknown = struct.pack("!BcB", 1, b"F", 2) + b"h9" + struct.pack("!B", 0) + body
+    unknown += hmac.new(SECRET.encode(), unknown, hashlib.sha256).digest()[:16]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for data in (forged, wrong_key, unknown, b"\x01", b"garbage" * 30):
+            s.sendto(data, ("127.0.0.1", port))
+    rejected = "nbiot_gateway_cluster_peer_messages_rejected_total"
+    wait_for(lambda: sum(target.metric(rejected, {"reason": r})
+                         for r in ("bad_mac", "unknown_host", "malformed")) == 5,
+             what="five messages rejected")
+    assert target.metric(rejected, {"reason": "bad_mac"}) == 2
+    assert target.metric(rejected, {"reason": "unknown_host"}) == 1
+    assert target.metric("nbiot_gateway_uplinks_received_total") == 0
+    assert target.proc is not None and target.proc.poll() is None
+
+
+def test_broker_ack_mode_answers_2_04_only_after_the_puback(
+        cluster: Callable[..., Cluster], broker: Broker,
+        subscribe: Callable[[str], Subscription]) -> None:
+    c = cluster(("h1", "h2"), ack="broker")
+    sub = subscribe("nbiot/plant/+/+/up")
+    home = c.hosts[home_of("th-1", ("h1", "h2"))]
+    assert send(home, "th-1", 1).code == aiocoap.CHANGED
+    assert home.metric("nbiot_gateway_mqtt_published_total") >= 1  # PUBACKed before the 2.04
+    assert [m["seq"] for m in sub.wait_count(1)] == [1]
+
+    # The broker stops answering: the PUBACK does not come, the device gets 5.03 with
+    # Max-Age; its retry of the same seq gets 2.04 once the broker took it.
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        reply = send(home, "th-1", 2)
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    assert reply.code == aiocoap.SERVICE_UNAVAILABLE, reply
+    assert reply.opt.max_age is not None and b"broker" in reply.payload
+    assert home.metric("nbiot_gateway_broker_ack_timeouts_total") == 1
+    assert send(home, "th-1", 2).code == aiocoap.CHANGED
+    assert sorted(m["seq"] for m in sub.wait_count(2)) == [1, 2]
+
+    # No broker at all: 5.03 before anything is spooled.
+    broker.stop()
+    wait_for(lambda: home.metric("nbiot_gateway_mqtt_connected") == 0, what="disconnected")
+    reply = send(home, "th-1", 3)
+    assert reply.code == aiocoap.SERVICE_UNAVAILABLE and reply.opt.max_age is not None
+    assert home.metric("nbiot_gateway_uplinks_rejected_total",
+                       {"reason": "broker_unavailable"}) == 1
+
+
+@pytest.mark.parametrize(("binding_key", "matches"), [
+    ("nbiot.plant.*.*.up", True), ("#", True), ("nbiot.#", True), ("nbiot.plant.#.up", True),
+    ("nbiot.plant.*.up", False), ("nbiot.other.*.*.up", False), ("nbiot.plant.*.*.status", False),
+])
+def test_uplink_binding_keys_are_matched_as_rabbitmq_does(binding_key: str,
+                                                          matches: bool) -> None:
+    assert binding_matches(binding_key, "nbiot.plant.type.device.up") is matches
+
+
+def test_cluster_mode_refuses_to_start_without_asking_the_broker_about_its_queue(
+        broker: Broker, tmp_path: Path) -> None:
+    gw = Gateway(tmp_path, broker.port)
+    unused = free_port()
+    toml = cluster_toml("h1", {"h1": free_port(socket.SOCK_DGRAM), "h2": 9})
+    toml = toml.replace("check_uplink_queue = false",
+                        f'broker_api = ["http://127.0.0.1:{unused}"]')
+    gw.write_config(toml)
+    done = subprocess.run([sys.executable, "-m", "gateway", "run", "--config",
+                           str(gw.config_path)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert done.returncode == 1
+    assert "cannot start in cluster mode" in done.stderr
+    assert f"http://127.0.0.1:{unused}" in done.stderr
+
+
+def test_a_command_survives_its_home_hosts_death_and_is_confirmed_once(
+        cluster: Callable[..., Cluster], broker: Broker,
+        subscribe: Callable[[str], Subscription]) -> None:
+    c = cluster()
+    acks = subscribe("nbiot/plant/+/+/down/ack")
+    home = home_of("th-1")
+    entry = next(name for name in HOSTS if name != home)
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                    "-t", "nbiot/plant/env_th/th-1/down", "-m", '{"id": "c1", "rate_s": 30}'],
+                   check=True, timeout=10)
+    acks.wait_count(1, "/down/ack")
+    c.hosts[home].kill()
+    wait_for(lambda: all(c.hosts[n].metric("nbiot_gateway_cluster_hosts_alive") == 2
+                         for n in HOSTS if n != home), what=f"{home} noticed dead")
+    reply = send(c.hosts[entry], "th-1", 1)
+    assert reply.code == aiocoap.CHANGED and json.loads(reply.payload)["id"] == "c1"
+    device = next(d for d in DEVICES if d.device_id == "th-1")
+    with RawCoap(c.hosts[entry].coap_port) as client:
+        confirming = client.exchange(uplink_request(
+            c.hosts[entry].uri(device), {"seq": 2, "temperature": 20.0, "ack": "c1"}))
+    assert confirming.code == aiocoap.CHANGED and not confirming.payload
+    c.hosts[home].start()  # its copy of c1 is dropped on the `confirmed` it missed
+    wait_for(lambda: "c1 of th-1 confirmed through another host"
+             in c.hosts[home].log_path.read_text(), what=f"{home} drops its copy")
+    wait_for(lambda: c.hosts[entry].metric("nbiot_gateway_cluster_hosts_alive") == 3,
+             what=f"{home} back")
+    assert not send(c.hosts[entry], "th-1", 3).payload  # from home: nothing rides again
+    states = [m["state"] for m in acks.wait_count(3, "/down/ack")]
+    # (`queued` may come twice: kill -9 can undo the deletion of a published record.)
+    assert states.count("confirmed") == 1 and states.count("delivered") == 1, states
