@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import itertools
 import logging
@@ -147,8 +146,12 @@ def assign_slots(backends: Sequence[Backend], up: set[str], slots: int = SLOTS) 
 def nft(script: str) -> None:
     """Apply `script` with `nft -f -`: one transaction, all or nothing. Blocking (~5 ms),
     and called only when a backend changes state, so the probe loop can wait for it."""
-    result = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
-                            timeout=10)
+    try:
+        result = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BalancerError(f"cannot run nft ({e}): apt-get install nftables, run as root"
+                            ) from None
     if result.returncode:
         raise BalancerError(f"nft refused the change: {result.stderr.strip()}")
 
@@ -188,19 +191,23 @@ class BackendHealth:
 
 
 class _PingProtocol(asyncio.DatagramProtocol):
-    """A connected UDP socket to one backend: an RST with the awaited message id is an answer."""
+    """One unconnected UDP socket for every backend (one without a route yet is simply not
+    answering): an RST from a backend's address with its awaited message id is an answer."""
 
-    def __init__(self, health: BackendHealth) -> None:
-        self.health = health
+    def __init__(self, health: Sequence[BackendHealth]) -> None:
+        self.by_address = {(h.backend.ip, h.backend.port): h for h in health}
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        health = self.by_address.get(addr[:2])
+        if health is None:
+            return
         with contextlib.suppress(wire.CoapFormatError):
             reply = wire.decode(data)
-            if reply.mtype == RST and reply.mid == self.health.awaited_mid:
-                self.health.answered = True
+            if reply.mtype == RST and reply.mid == health.awaited_mid:
+                health.answered = True
 
     def error_received(self, exc: Exception) -> None:
-        pass  # ICMP port unreachable: the ping goes unanswered, which is all that counts
+        pass  # ICMP unreachable, no route: the ping goes unanswered, which is all that counts
 
 
 @dataclass
@@ -239,34 +246,30 @@ class Balancer:
 
     async def run(self, shutdown: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        transports = []
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _PingProtocol(self._health), local_addr=("0.0.0.0", 0))
         try:
-            for health in self._health:
-                transport, _ = await loop.create_datagram_endpoint(
-                    functools.partial(_PingProtocol, health),
-                    remote_addr=(health.backend.ip, health.backend.port))
-                transports.append(transport)
-            await self._probe_round(transports, shutdown)  # who is there before the first map
+            await self._probe_round(transport, shutdown)  # who is there before the first map
             for health in self._health:
                 health.up = health.answered
             self._install()
             while not shutdown.is_set():
-                await self._probe_round(transports, shutdown)
+                await self._probe_round(transport, shutdown)
                 self._judge()
         finally:
-            for transport in transports:
-                transport.close()
+            transport.close()
             self._remove()
 
-    async def _probe_round(self, transports: Sequence[asyncio.DatagramTransport],
+    async def _probe_round(self, transport: asyncio.DatagramTransport,
                            shutdown: asyncio.Event) -> None:
         """One ping to each backend, then `interval_s` for the answers (a live gateway
         answers in well under a millisecond; a loaded one in tens)."""
-        for health, transport in zip(self._health, transports, strict=True):
+        for health in self._health:
             mid = next(self._mids) % 0x10000
             health.awaited_mid, health.answered = mid, False
             with contextlib.suppress(OSError):
-                transport.sendto(wire.encode(wire.Message(CON, EMPTY, mid)))
+                transport.sendto(wire.encode(wire.Message(CON, EMPTY, mid)),
+                                 (health.backend.ip, health.backend.port))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(shutdown.wait(), self.interval_s)
 
@@ -292,15 +295,16 @@ class Balancer:
             self._reassign(changed)
 
     def _install(self) -> None:
-        self._assignment = assign_slots(self.backends, self.up, self.slots)
+        assignment = assign_slots(self.backends, self.up, self.slots)
         nft(render_ruleset(self.vip, self.vip_port, self.backends, self.slots)
-            + render_slot_maps(self._assignment))
+            + render_slot_maps(assignment))
+        self._assignment = assignment  # installed: from now on, removed at the end
         self._publish_state()
         down = [str(h.backend) for h in self._health if not h.up]
         log.info("balancer table %s installed: %s:%d over %s%s", TABLE, self.vip,
                  self.vip_port, ", ".join(map(str, self.backends)),
                  f"; not answering, their slots went to the others: {', '.join(down)}"
-                 if down else "")
+                 if down and self.up else "")
         if not self.up:
             log.error("no backend answers CoAP pings: every slot stays on its own backend; "
                       "check that the gateways run and that this host reaches them")
