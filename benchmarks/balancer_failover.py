@@ -70,7 +70,7 @@ def main() -> int:
     print(f"checker: a CoAP ping every {args.interval:g} s, down after {args.down_after} "
           f"missed, up after {tool.UP_AFTER_ANSWERS} answered; {DEVICES} devices pinging "
           "the VIP every 20 ms", flush=True)
-    with Lab("nbfail", hosts=3, brokers=0, net=73) as lab:
+    with Lab("nbfail", hosts=3, brokers=0, net=None) as lab:
         servers = {h: lab.popen(h, ["coap-server-notls", "-A", lab.host_ip(int(h[1:]))])
                    for h in lab.hosts}
         with lab_balancer(lab, interval_s=args.interval, down_after=args.down_after) as running:

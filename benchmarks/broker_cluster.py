@@ -158,7 +158,7 @@ def main() -> int:
 
             report("(a) mosquitto, 1 node", asyncio.run(mosquitto_run()))
 
-        with Lab("nbbench", hosts=1, brokers=3, net=71) as lab:
+        with Lab("nbbench", hosts=1, brokers=3, net=None) as lab:
             with RabbitCluster(lab, nodes=1) as single:
                 print(f"    1-node RabbitMQ serving after {single.start_seconds['b1']:.1f} s",
                       flush=True)

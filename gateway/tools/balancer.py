@@ -173,7 +173,8 @@ class BalancerMetrics:
                                     "backend did not answer in time", ["backend"],
                                     registry=self.registry)
         self.map_errors = Counter(f"{NS}_map_update_errors_total", "Slot map rewrites nft "
-                                  "refused: the map is stale, see the log", registry=self.registry)
+                                  "refused, even with the whole table: the map is stale, see "
+                                  "the log", registry=self.registry)
         for b in backends:
             self.up.labels(b.name)
             self.pings_missed.labels(b.name)
@@ -237,7 +238,9 @@ class Balancer:
             raise BalancerError(f"{len(self.backends)} backends need more than {self.slots} slots")
         self.metrics = BalancerMetrics(self.backends)
         self._health = [BackendHealth(b, up=False) for b in self.backends]
-        self._assignment: list[Backend] = []
+        self._assignment: list[Backend] = []  # what the kernel's map says
+        # changes nft refused to apply: tried again each round until it takes them
+        self._unapplied: list[BackendHealth] = []
         self._mids = itertools.count(1)
 
     @property
@@ -291,8 +294,9 @@ class Balancer:
             elif not health.up and health.answers >= self.up_after:
                 health.up = True
                 changed.append(health)
-        if changed:
-            self._reassign(changed)
+        pending = self._unapplied + [h for h in changed if h not in self._unapplied]
+        if pending:
+            self._reassign(pending)
 
     def _install(self) -> None:
         assignment = assign_slots(self.backends, self.up, self.slots)
@@ -315,9 +319,20 @@ class Balancer:
         try:
             nft(render_slot_maps(after))
         except BalancerError as e:
-            self.metrics.map_errors.inc()
-            log.error("%s; devices still go by the old map, retrying at the next change", e)
-            return
+            # The table itself may be gone (`nft flush ruleset`, a reload of nftables.service
+            # without our file): put all of it back.
+            log.error("%s; installing the whole table again", e)
+            try:
+                nft(render_ruleset(self.vip, self.vip_port, self.backends, self.slots)
+                    + render_slot_maps(after))
+            except BalancerError as again:
+                self.metrics.map_errors.inc()
+                if not self._unapplied:
+                    log.error("%s; devices still go by the old map, retrying every ping "
+                              "round", again)
+                self._unapplied = list(changed)
+                return
+        self._unapplied = []
         self._assignment = after
         moved = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
         self.metrics.slots_moved.inc(len(moved))
