@@ -260,8 +260,15 @@ def test_the_rabbitmq_cluster_keeps_a_pubacked_uplink_in_its_quorum_queue_with_a
 def test_the_checker_puts_back_a_table_removed_under_it(
         balanced: tuple[Fleet, LabBalancer]) -> None:
     fleet, running = balanced
-    fleet.lab.run("lb", ["nft", "delete", "table", "ip", "nbiot_balancer"])  # a flushed ruleset
-    fleet.lab.kill(fleet.servers["h2"])
+
+    def table_installed() -> bool:
+        return fleet.lab.run("lb", ["nft", "list", "table", "ip", "nbiot_balancer"],
+                             check=False).returncode == 0
+
+    fleet.lab.run("lb", ["nft", "flush", "ruleset"])
+    wait_for(table_installed, what="the checker to notice and install its table again")
+    fleet.lab.run("lb", ["nft", "flush", "ruleset"])
+    fleet.lab.kill(fleet.servers["h2"])  # the map rewrite finds no table: all of it again
     running.wait_for({"h1", "h3"})
     answers = [fleet.get(port) for port in DEVICE_PORTS[:4]]
     table = fleet.lab.run("lb", ["nft", "list", "map", "ip", "nbiot_balancer", "slot_addr"]).stdout

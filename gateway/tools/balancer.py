@@ -39,6 +39,7 @@ PROBE_INTERVAL_S = 0.2
 DOWN_AFTER_MISSES = 3
 UP_AFTER_ANSWERS = 2
 NS = "nbiot_balancer"
+TABLE_CHECK_S = 2.0  # how often the checker makes sure its table is still there
 
 
 class BalancerError(Exception):
@@ -256,9 +257,13 @@ class Balancer:
             for health in self._health:
                 health.up = health.answered
             self._install()
+            rounds = 0
             while not shutdown.is_set():
                 await self._probe_round(transport, shutdown)
                 self._judge()
+                rounds += 1
+                if rounds % max(1, round(TABLE_CHECK_S / self.interval_s)) == 0:
+                    self._check_table()
         finally:
             transport.close()
             self._remove()
@@ -312,6 +317,22 @@ class Balancer:
         if not self.up:
             log.error("no backend answers CoAP pings: every slot stays on its own backend; "
                       "check that the gateways run and that this host reaches them")
+
+    def _check_table(self) -> None:
+        """Put the table back if someone removed it (`nft flush ruleset`, a reload of
+        nftables.service without our file): until then the VIP balances nothing."""
+        listed = subprocess.run(["nft", "list", "table", "ip", TABLE], capture_output=True,
+                                timeout=10)
+        if listed.returncode == 0:
+            return
+        log.error("the balancer table %s is gone (nft flush ruleset? a reload of "
+                  "nftables.service?): installing it again", TABLE)
+        try:
+            nft(render_ruleset(self.vip, self.vip_port, self.backends, self.slots)
+                + render_slot_maps(self._assignment))
+        except BalancerError as e:
+            self.metrics.map_errors.inc()
+            log.error("%s; trying again in %g s", e, TABLE_CHECK_S)
 
     def _reassign(self, changed: Sequence[BackendHealth]) -> None:
         before = self._assignment
