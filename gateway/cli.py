@@ -70,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="A broker, the gateway and an open-loop fleet (a fresh UDP socket per "
                     "uplink) for --duration; a line per sample, then the least-squares trend "
                     "of each figure after the warm-up. Exit 1 if anything acked was lost."))
+    demo = sub.add_parser(
+        "cluster-demo", help="(root) the cluster on one machine: namespaces, balancer, 3 "
+                             "gateway hosts, 3 RabbitMQ nodes, a fleet, and faults",
+        description="Builds devices, an nf_tables balancer, 3 gateway hosts and a 3-node "
+                    "RabbitMQ cluster in network namespaces, runs the fleet through the "
+                    "balancer, kills a gateway host and a broker node under load, and reads "
+                    "the uplink queue back. Exit 0: nothing acknowledged lost; 1: lost; "
+                    "2: it could not run.")
+    demo.add_argument("--ack", choices=("disk", "broker"), default="broker",
+                      help="cluster.ack of the gateway hosts (default: %(default)s)")
+    demo.add_argument("--devices", type=int, default=3000)
+    demo.add_argument("--interval", type=float, default=10.0, dest="interval_s",
+                      help="report interval, s (default: %(default)s)")
+    demo.add_argument("--duration", type=float, default=60.0, dest="duration_s",
+                      help="the fleet's report window, s (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--prefix", default="nbg", help="namespace name prefix")
+    demo.add_argument("--json", type=Path, dest="json_path", help="also write the report")
+    demo.add_argument("--keep", action="store_true", help="keep the logs and state files")
     _balancer_args(sub.add_parser(
         "balancer", help="run the gateway cluster's UDP balancer (nf_tables) and its health "
                          "checker on this host (root)",
@@ -316,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
                         loadgen_procs=args.loadgen_procs)
     if args.command == "balancer":
         return cmd_balancer(args)
+    if args.command == "cluster-demo":
+        from gateway.lab.cluster_demo import run_cluster_demo
+
+        return run_cluster_demo(ack=args.ack, devices=args.devices, interval_s=args.interval_s,
+                                duration_s=args.duration_s, seed=args.seed,
+                                prefix=args.prefix, json_path=args.json_path, keep=args.keep)
     raise AssertionError(args.command)
 
 

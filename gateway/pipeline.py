@@ -263,15 +263,7 @@ class Pipeline:
                 entry = self._pending.pop((device.device_id, seq), None)
                 if entry is not None:
                     waiters = entry[1]
-            if ok:
-                self._liveness.seen(device, uplink.received_at)
-                self._metrics.uplinks_accepted.inc()
-                self._metrics.uplink_ack_seconds.observe(time.monotonic() - uplink.received_mono)
-                verdict = self._accepted(device, uplink)
-            else:
-                self._metrics.uplinks_rejected.labels("spool_error").inc()
-                verdict = Verdict(C.SERVICE_UNAVAILABLE, b"spool write failed",
-                                  max_age_s=self._overload_max_age_s)
+            verdict = self._settled(ok, device, uplink)
             reply(verdict)
             for waiter in waiters:
                 waiter(verdict)
@@ -327,21 +319,26 @@ class Pipeline:
             left_flight()
             if seq is not None:
                 self._pending.pop((device.device_id, seq), None)
-            if ok:
-                self._liveness.seen(device, uplink.received_at)
+            if ok and not waiting:  # answered 5.03 at the timeout, no retry waits:
+                self._liveness.seen(device, uplink.received_at)  # no command rides
                 self._metrics.uplinks_accepted.inc()
-                if not waiting:
-                    return  # answered 5.03 at the timeout; no retry waits: no command rides
-                self._metrics.uplink_ack_seconds.observe(time.monotonic() - uplink.received_mono)
-                verdict = self._accepted(device, uplink)
-            else:
-                self._metrics.uplinks_rejected.labels("spool_error").inc()
-                verdict = Verdict(C.SERVICE_UNAVAILABLE, b"spool write failed",
-                                  max_age_s=self._overload_max_age_s)
+                return
+            verdict = self._settled(ok, device, uplink)
             for waiter in waiting:
                 waiter(verdict)
 
         self._spool.append(record, on_durable, accepted_seq, on_published=published)
+
+    def _settled(self, ok: bool, device: Device, uplink: Uplink) -> Verdict:
+        """The answer to an uplink whose record was committed (`ok`) or not, counted."""
+        if ok:
+            self._liveness.seen(device, uplink.received_at)
+            self._metrics.uplinks_accepted.inc()
+            self._metrics.uplink_ack_seconds.observe(time.monotonic() - uplink.received_mono)
+            return self._accepted(device, uplink)
+        self._metrics.uplinks_rejected.labels("spool_error").inc()
+        return Verdict(C.SERVICE_UNAVAILABLE, b"spool write failed",
+                       max_age_s=self._overload_max_age_s)
 
     def _unconfirmed_verdict(self) -> Verdict:
         return Verdict(C.SERVICE_UNAVAILABLE, b"broker has not confirmed, retry later",

@@ -33,6 +33,9 @@ if os.geteuid() != 0:
     pytest.fail("tests/test_lab.py needs root (network namespaces), as ./scripts/test runs",
                 pytrace=False)
 
+# Namespaces, nf_tables and RabbitMQ nodes on fixed subnets: one test at a time.
+pytestmark = pytest.mark.xdist_group("netns")
+
 
 def lab(prefix: str, **kw: object) -> Lab:
     return Lab(prefix, net=None, **kw)  # type: ignore[arg-type]
