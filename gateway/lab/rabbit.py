@@ -8,8 +8,10 @@ RabbitMQ (no /usr/sbin wrappers, no /var/lib/rabbitmq: a temp HOME, cookie and d
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
+import functools
 import json
 import secrets
 import shutil
@@ -27,6 +29,7 @@ from typing import Any
 
 from gateway.lab.netns import Lab, LabError
 from gateway.localstack import wait_until
+from gateway.mqtt import MqttClient, MqttError
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 MQTT_PORT, AMQP_PORT, MANAGEMENT_PORT, DIST_PORT = 1883, 5672, 15672, 25672
@@ -205,6 +208,23 @@ log.file = false
             return True
 
         wait_until(clustered, timeout_s, f"RabbitMQ nodes {sorted(expected)} in one cluster")
+        for node in self.nodes:  # CONNECT needs client-id tracking, a Raft group of its own
+            if node.node in expected:
+                wait_until(functools.partial(self._mqtt_connects, node), timeout_s,
+                           f"RabbitMQ node {node.node} to accept an MQTT CONNECT")
+
+    def _mqtt_connects(self, node: RabbitNode) -> bool:
+        async def connect() -> None:
+            client = await MqttClient.connect(node.ip, MQTT_PORT, client_id=f"lab-ready-{node.name}",
+                                              username=self.user, password=self.password,
+                                              timeout_s=5)
+            await client.disconnect()
+
+        try:
+            asyncio.run(connect())
+        except MqttError:
+            return False
+        return True
 
     def _stop_all(self) -> None:
         """SIGKILL every node and its namespace's epmd: the lab's data dies with it, and a
