@@ -83,19 +83,24 @@ def test_lab_refuses_a_prefix_in_use(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_lab_tears_down_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
     prefix = P("d" if sig == signal.SIGTERM else "j")
+    # Ctrl-C as in a terminal: an xdist worker's children inherit SIGINT ignored.
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from gateway.lab.netns import Lab
         with Lab("{prefix}", hosts=1, brokers=1, net=None) as lab:
             lab.popen("b1", ["sleep", "300"])
             print("up", flush=True)
             time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert proc.stdout is not None and proc.stdout.readline() == "up\n"
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=30)
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
     assert proc.returncode != 0
     assert ("LabInterrupted" if sig == signal.SIGTERM else "KeyboardInterrupt") in stderr
     assert leftovers(prefix) == []
