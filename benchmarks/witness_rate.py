@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from gateway import localstack
+from gateway.bench.flood import publish_windowed
 from gateway.config import MqttSection
 from gateway.demo import MOSQUITTO_CONF
 from gateway.mqtt import MqttClient
@@ -39,28 +40,9 @@ async def publish(port: int, n: int, rate: float) -> float:
     """Publish n messages, at most WINDOW awaiting PUBACK, `rate` a second (0: as fast as
     the broker acknowledges); the time of the last PUBACK."""
     client = await MqttClient.connect("127.0.0.1", port, client_id="bench-publisher")
-    done = asyncio.get_running_loop().create_future()
-    room = asyncio.Event()
-    acked = 0
-
-    def on_ack() -> None:
-        nonlocal acked
-        acked += 1
-        room.set()
-        if acked == n:
-            done.set_result(None)
-
-    started = time.monotonic()
-    for i in range(n):
-        if rate and i % 20 == 0:  # paced in groups of 20, as a busy gateway publishes
-            await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
-        if client.in_flight >= WINDOW:
-            room.clear()
-            await room.wait()
-        device = f"dev-{i % 10000:05d}"
-        client.publish(TOPIC.format(device), PAYLOAD.format(device, i).encode(), 1, False, on_ack)
-    await done
-    finished = time.monotonic()
+    messages = ((TOPIC.format(f"dev-{i % 10000:05d}"),
+                 PAYLOAD.format(f"dev-{i % 10000:05d}", i).encode()) for i in range(n))
+    finished = await publish_windowed(client, messages, n, WINDOW, rate)
     await client.disconnect()
     return finished
 

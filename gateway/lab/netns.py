@@ -23,12 +23,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 
 VIP_PORT = 5683  # CoAP
 DEFAULT_NET = 77
+AUTO_NETS = range(100, 250, 2)  # net=None: the first free one, one lab at a time
 MAX_HOSTS = MAX_BROKERS = 9  # 10.N.0.11..19 and 10.N.0.21..29
 STOP_TIMEOUT_S = 10.0
 LOCK_DIR = Path("/run/nbiot-lab")
@@ -69,6 +70,23 @@ def _root_links(prefix: str) -> list[str]:
     return links
 
 
+@contextlib.contextmanager
+def _nets_lock() -> Iterator[None]:
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    with (LOCK_DIR / "nets.lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _free_net() -> int:
+    """The first N from AUTO_NETS whose 10.N.0.0/24 the root namespace does not use."""
+    used = _ip("-o", "-4", "addr", "show").stdout
+    for net in AUTO_NETS:
+        if f" 10.{net}.0." not in used:
+            return net
+    raise LabError("no free 10.N.0.0/24 for a lab: remove old labs (ip netns list)")
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and result.returncode:
@@ -82,31 +100,29 @@ class Lab:
     them. Namespaces are named by their short names ("lb", "dev", "h1", "b2") in the API.
 
     Two labs at once need different prefixes and different `net`s (both live in the root
-    namespace's routing table); a second lab with a prefix in use is refused.
+    namespace's routing table); a second lab with a prefix in use is refused. `net=None`
+    takes the first free one from 10.100 up (tests: they may run beside a demo).
 
     `software_checksums`: every veth computes and checks UDP and TCP checksums in software
     (ethtool -K rx off tx off), so a rewrite that breaks one gets the datagram dropped and
     counted (Udp InCsumErrors), where veth's offload would pass it unchecked."""
 
     def __init__(self, prefix: str = "nbg", hosts: int = 3, brokers: int = 3, *,
-                 net: int = DEFAULT_NET, workdir: Path | None = None,
+                 net: int | None = DEFAULT_NET, workdir: Path | None = None,
                  software_checksums: bool = False) -> None:
         if not _PREFIX.match(prefix):
             raise LabError(f"lab prefix {prefix!r}: 1-8 lowercase letters and digits, "
                            "starting with a letter")
         if not (1 <= hosts <= MAX_HOSTS and 0 <= brokers <= MAX_BROKERS):
             raise LabError(f"a lab has 1-{MAX_HOSTS} hosts and 0-{MAX_BROKERS} brokers")
-        if not 1 <= net <= 253:
+        if net is not None and not 1 <= net <= 253:
             raise LabError(f"net {net}: the lab uses 10.{net}.0.0/24 and 10.{net + 1}.0.0/24")
         self.prefix = prefix
         self.hosts = [f"h{i}" for i in range(1, hosts + 1)]
         self.brokers = [f"b{j}" for j in range(1, brokers + 1)]
-        self.net = net
-        self.vip = f"10.{net + 1}.0.1"
+        self._want_net = net
+        self.net = net or 0  # chosen at __enter__ when None
         self.vip_port = VIP_PORT
-        self.device_ip = f"10.{net + 1}.0.100"
-        self.balancer_ip = f"10.{net}.0.2"
-        self.root_ip = f"10.{net}.0.254"
         self.bridge = f"{prefix}-br"
         self.software_checksums = software_checksums
         self._given_workdir = workdir
@@ -116,6 +132,24 @@ class Lab:
         self._old_handlers: dict[int, object] = {}
 
     # -- addresses and names -------------------------------------------------------------
+    @property
+    def vip(self) -> str:
+        """The address devices send to: the balancer's end of the device link."""
+        return f"10.{self.net + 1}.0.1"
+
+    @property
+    def device_ip(self) -> str:
+        return f"10.{self.net + 1}.0.100"
+
+    @property
+    def balancer_ip(self) -> str:
+        return f"10.{self.net}.0.2"
+
+    @property
+    def root_ip(self) -> str:
+        """The root namespace's address on the backbone (tools running there use it)."""
+        return f"10.{self.net}.0.254"
+
     def host_ip(self, i: int) -> str:
         """Gateway host `i` (1-based) on the backbone."""
         self._check_index(i, len(self.hosts), "host")
@@ -213,11 +247,13 @@ class Lab:
         try:
             self._trap_signals()
             self._remove(_namespaces(self.prefix), _root_links(self.prefix))  # a crashed run's
-            self._check_subnet_free()
             self.workdir = self._given_workdir or Path(tempfile.mkdtemp(
                 prefix=f"nbiot-lab-{self.prefix}-"))
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._build()
+            with _nets_lock():  # choosing a subnet and claiming it, one lab at a time
+                self.net = self._want_net or _free_net()
+                self._check_subnet_free()
+                self._build()
         except BaseException:
             self._teardown()
             raise
