@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from gateway.cluster.uplink_queue import binding_matches, mqtt_to_routing_key
 from gateway.lab.netns import Lab, LabError
 from gateway.localstack import StackError, wait_until
 from gateway.mqtt import MqttClient, MqttError
@@ -61,26 +62,6 @@ class RabbitNode:
     @property
     def mqtt_address(self) -> str:
         return f"{self.ip}:{MQTT_PORT}"
-
-
-def mqtt_to_routing_key(topic: str) -> str:
-    """The AMQP routing key RabbitMQ's MQTT plugin gives a topic (`/` and `.` swapped), or
-    the binding key of a topic filter (`+` -> `*`, `#` stays)."""
-    swapped = topic.translate(str.maketrans("/.", "./"))
-    return ".".join("*" if word == "+" else word for word in swapped.split("."))
-
-
-def binding_matches(binding_key: str, routing_key: str) -> bool:
-    """amq.topic's rule: `*` is one word, `#` zero or more."""
-
-    def match(binding: list[str], words: list[str]) -> bool:
-        if not binding:
-            return not words
-        if binding[0] == "#":
-            return any(match(binding[1:], words[i:]) for i in range(len(words) + 1))
-        return bool(words) and binding[0] in ("*", words[0]) and match(binding[1:], words[1:])
-
-    return match(binding_key.split("."), routing_key.split("."))
 
 
 class RabbitCluster:
