@@ -84,8 +84,8 @@ class Publisher:
         self.connected = False
 
     async def _connect(self) -> MqttClient:
-        """Connect to the first broker node that answers, starting with the last one that
-        worked; raise the last node's MqttError if none does."""
+        """Connect to the first broker node that answers, in `mqtt.brokers` order from where
+        the last attempt left off; raise the last node's MqttError if none does."""
         tls_context = None
         if self._mqtt.tls:
             tls_context = ssl.create_default_context(

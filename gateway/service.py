@@ -86,7 +86,6 @@ class Service:
         s = self.settings
         started = time.monotonic()
         gctune.tune()
-
         every_device, registry = self._load_registry(s)
         assert s.liveness.path is not None  # load_config derives it from the spool path
         files = state_files(s.spool.path, s.liveness.path, self._worker, self._workers)
