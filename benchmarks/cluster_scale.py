@@ -60,11 +60,10 @@ from gateway.lab.cluster_demo import (
     host_config,
     scrape,
     tail,
-    wait_until,
 )
 from gateway.lab.netns import Lab
 from gateway.lab.rabbit import RabbitCluster
-from gateway.localstack import CLOCK_TICKS, LOAD_ENV, cpu_s
+from gateway.localstack import CLOCK_TICKS, LOAD_ENV, cpu_s, wait_until
 from gateway.tools.balancer import Backend
 
 PREFIX, NET = "nbsc", 61

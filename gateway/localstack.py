@@ -50,13 +50,15 @@ def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
         return port
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll `condition` every 50 ms; StackError once `timeout_s` has passed without it."""
-    deadline = time.monotonic() + timeout_s
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Poll `condition` every 50 ms; the seconds it took, or StackError once `timeout_s`
+    has passed without it."""
+    started = time.monotonic()
     while not condition():
-        if time.monotonic() > deadline:
+        if time.monotonic() - started > timeout_s:
             raise StackError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(0.05)
+    return time.monotonic() - started
 
 
 def tcp_accepts(port: int) -> bool:

@@ -23,9 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.lab.netns import DEFAULT_NET, Lab, LabError
 from gateway.lab.rabbit import RabbitCluster, RabbitError
+from gateway.localstack import StackError, http_get, wait_until
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent.parent / "config" / "gateway.toml"
 UPLINK_QUEUE = "nbiot-uplinks"
@@ -41,15 +41,14 @@ PEER_PORT = 5690
 METRICS_PORT = 9108
 BALANCER_METRICS_PORT = 9109
 READY_TIMEOUT_S = 60.0
-POLL_S = 0.1
 SIM_GRACE_S = 20.0  # after the fleet's window: retries, the witness catching up
 HOSTS = ("h1", "h2", "h3")
 # h2 dies; b2, the node h1 is connected to, dies (h1 fails over); the witness is on b1.
 VICTIM_HOST, VICTIM_BROKER, WITNESS_BROKER = "h2", "b2", 1
 
 
-class DemoFailed(Exception):
-    """Something the demo needs did not start or behave."""
+class DemoFailed(StackError):
+    """Something the demo needs did not start or behave (as StackError: a wait timed out)."""
 
 
 @dataclass
@@ -135,26 +134,15 @@ def sim_config(lab: Lab, rabbit: RabbitCluster, workdir: Path, devices: int,
 # -- reading the pieces ---------------------------------------------------------------------
 def scrape(ip: str, port: int) -> dict[str, float]:
     """One /metrics, as name{labels} -> value; {} if it does not answer."""
-    try:
-        with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except OSError:
+    status, body = http_get(f"http://{ip}:{port}/metrics")
+    if status != 200:
         return {}
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(body.decode()):
         for s in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
     return out
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise DemoFailed(f"{what}: not after {timeout_s:.0f}s")
-        time.sleep(POLL_S)
-    return time.monotonic() - started
 
 
 class ClusterDemo:
@@ -359,7 +347,7 @@ def run_cluster_demo(*, ack: str, devices: int, interval_s: float, duration_s: f
                            duration_s=duration_s, seed=seed, prefix=prefix, workdir=workdir)
         try:
             report = demo.run()
-        except (DemoFailed, LabError, RabbitError) as e:
+        except (StackError, LabError, RabbitError) as e:
             print(f"cluster-demo failed: {e}\n  (logs in {workdir}, kept)", file=sys.stderr)
             stack.pop_all()
             return 2
