@@ -77,8 +77,10 @@ class Liveness:
         self._dirty: set[str] = set()
         self._counts = dict.fromkeys(STATES, 0)
         self._last_sweep: tuple[float, float] | None = None  # (wall, monotonic) clocks
-        # In a cluster: whether this host owns a device now. Only the owner judges it.
+        # In a cluster: whether this host owns a device now, and the registry's devices it
+        # owns (recomputed when either changes). Only the owner judges a device.
         self._owns: Callable[[str], bool] | None = None
+        self.owned: set[str] | None = None
 
     # -- start and reload --------------------------------------------------------------
     async def load(self) -> None:
@@ -96,6 +98,8 @@ class Liveness:
         for device_id in [d for d in self._state if registry.get(d) is None]:
             del self._state[device_id]
             self._seen_at.pop(device_id, None)
+        if self._owns is not None:
+            self.owned = self._owned_devices(self._owns)
         self._update_gauges()
 
     # -- the hot path ------------------------------------------------------------------
@@ -114,18 +118,19 @@ class Liveness:
         over and never heard (its state lived on the host that is down) is judged too,
         from now: silent for the window, it goes offline, saying it was taken over."""
         self._owns = owns
-        for device in self._registry:
-            device_id = device.device_id
-            if not owns(device_id):
-                continue
-            if device_id in self._state:
-                if self._state[device_id] == ONLINE:
-                    self._seen_at[device_id] = max(self._seen_at[device_id], now)
-            else:
+        self.owned = self._owned_devices(owns)
+        for device_id in self.owned:
+            state = self._state.get(device_id)
+            if state == ONLINE:
+                self._seen_at[device_id] = max(self._seen_at[device_id], now)
+            elif state is None:
                 self._state[device_id] = ONLINE
                 self._seen_at[device_id] = now
                 self._adopted.add(device_id)
         self._update_gauges()
+
+    def _owned_devices(self, owns: Callable[[str], bool]) -> set[str]:
+        return {device.device_id for device in self._registry if owns(device.device_id)}
 
     # -- the periodic sweep ------------------------------------------------------------
     def sweep(self, now: float) -> int:
@@ -142,7 +147,7 @@ class Liveness:
                     reason += " since this host took it over from a host that is down"
                 self._change(device, OFFLINE, self._seen_at[device.device_id], reason)
                 changed += 1
-        if self._owns is not None:
+        if self.owned is not None:
             self._update_gauges()
         return changed
 
@@ -165,9 +170,9 @@ class Liveness:
                     jump_s, len(self._seen_at))
 
     def _online_devices(self) -> Iterator[Device]:
-        owns = self._owns
+        owned = self.owned
         for device_id, state in list(self._state.items()):
-            if state == ONLINE and (owns is None or owns(device_id)):
+            if state == ONLINE and (owned is None or device_id in owned):
                 device = self._registry.get(device_id)
                 if device is not None:
                     yield device
@@ -203,15 +208,14 @@ class Liveness:
     def _update_gauges(self) -> None:
         """Recount every state (on load and reload; changes adjust the counts in O(1)). In
         a cluster: of the devices this host owns, recounted at each sweep."""
-        owns = self._owns
-        if owns is None:
+        owned = self.owned
+        if owned is None:
             online = sum(1 for s in self._state.values() if s == ONLINE)
             known, devices = len(self._state), len(self._registry)
         else:
-            owned = [d for d in self._state if owns(d)]
-            online = sum(1 for d in owned if self._state[d] == ONLINE)
-            known = len(owned)
-            devices = sum(1 for device in self._registry if owns(device.device_id))
+            states = [s for d, s in self._state.items() if d in owned]
+            online = sum(1 for s in states if s == ONLINE)
+            known, devices = len(states), len(owned)
         self._counts = {ONLINE: online, OFFLINE: known - online, NEVER_SEEN: devices - known}
         for state, n in self._counts.items():
             self._metrics.devices.labels(state).set(n)

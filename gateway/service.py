@@ -114,7 +114,7 @@ class Service:
 
             self._siblings = Siblings(self._worker, self._links.inbox, self._links.outboxes, m)
         if s.cluster.enabled:
-            self._peers = self._cluster_channel(registry)
+            self._peers = self._cluster_channel()
         if s.coap.enabled:
             self._coap = coap = CoapServer(
                 self._pipeline, m, max_payload_bytes=s.coap.max_payload_bytes,
@@ -178,7 +178,7 @@ class Service:
         self._notifier.send("READY=1\n" + self._status_line())
         self._notifier.start()
 
-    def _cluster_channel(self, registry: Registry) -> PeerChannel:
+    def _cluster_channel(self) -> PeerChannel:
         """The peer channel and this host's view of its peers; liveness and the ownership
         gauges follow every change of who is alive."""
         from gateway.cluster.membership import Membership
@@ -188,17 +188,21 @@ class Service:
         assert cluster.host is not None and self._liveness is not None  # config checked
         membership = Membership(cluster.host, cluster.hosts, cluster.peer_dead_after_s)
         peers = PeerChannel(cluster, self._worker, self._workers, self.metrics, membership)
-        liveness, metrics = self._liveness, self.metrics
+        liveness = self._liveness
 
         def changed(before: tuple[str, ...], alive: tuple[str, ...]) -> None:
-            owned, taken = peers.taken_over([device.device_id for device in registry])
-            metrics.cluster_devices_owned.set(owned)
-            metrics.cluster_devices_taken_over.set(taken)
             liveness.owners_changed(membership.owns, time.time())
+            self._count_owned(peers)
 
         membership.on_change.append(changed)
         changed((), membership.alive)
         return peers
+
+    def _count_owned(self, peers: PeerChannel) -> None:
+        """The ownership gauges, from the devices liveness says this host owns."""
+        assert self._liveness is not None and self._liveness.owned is not None
+        self.metrics.cluster_devices_owned.set(len(self._liveness.owned))
+        self.metrics.cluster_devices_taken_over.set(peers.taken_over(self._liveness.owned))
 
     def _router(self) -> Callable[[wire.Message, bytes, Address], bool] | None:
         """Where an uplink datagram goes before this process handles it: to the host owning
@@ -376,6 +380,8 @@ class Service:
             self._pipeline.replace_registry(registry, settings, every_device)
             if self._liveness is not None:
                 self._liveness.replace_registry(registry)
+                if self._peers is not None:
+                    self._count_owned(self._peers)
             if self._downlink is not None:
                 self._downlink.replace_registry(registry)
             if self._dtls is not None:
