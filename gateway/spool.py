@@ -446,7 +446,9 @@ class Spool:
         self._bytes -= sum(record_size(r) for r in records)
         self._records -= len(records)
         waiting = self._awaiting_publish
-        for r in records:
+        # Only while records from before the start remain or a 2.04 waits for its PUBACK
+        # (cluster.ack = broker): on one host the publisher's path stays as it was.
+        for r in records if self.unpublished_from_before or waiting else ():
             if r.spool_id < self._first_new_id:
                 self.unpublished_from_before -= 1
             elif waiting:
