@@ -18,9 +18,9 @@ import statistics
 import sys
 import time
 
-from gateway.lab.balancer import lab_balancer
-from gateway.lab.netns import Lab
 from gateway.tools import balancer as tool
+from gateway.tools.lab.balancer import lab_balancer
+from gateway.tools.lab.netns import Lab
 
 DEVICES = 60
 # A device of a live host goes unanswered for a ping or two at times (libcoap's server

@@ -4,7 +4,7 @@ quorum queue (one publisher on one node, then one on each node), and PUBACK late
 fixed open-loop rate on the cluster. Root (the cluster runs in lab namespaces).
 
 Every run: `--messages` QoS 1 PUBLISHes of ~250-byte uplink-shaped JSON, at most `--window`
-awaiting PUBACK per publisher (our client, gateway/mqtt.py, as the gateway publishes); the
+awaiting PUBACK per publisher (our client, gateway/mqtt/client.py, as the gateway publishes); the
 rate is messages over the time from the first PUBLISH to the last PUBACK. A PUBACK from
 RabbitMQ here means the bound queue has the message (quorum: a Raft majority fsynced it);
 mosquitto queues it in memory for an offline durable session (persistence off, as in the
@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import localstack
-from gateway.bench.flood import publish_windowed
-from gateway.demo import MOSQUITTO_CONF
-from gateway.lab.netns import Lab
-from gateway.lab.rabbit import RabbitCluster
-from gateway.mqtt import MqttClient
+from gateway.mqtt.client import MqttClient
+from gateway.tools import localstack
+from gateway.tools.bench.flood import publish_windowed
+from gateway.tools.demo import MOSQUITTO_CONF
+from gateway.tools.lab.netns import Lab
+from gateway.tools.lab.rabbit import RabbitCluster
 
 TOPIC = "nbiot/plant/env_th/{}/up"
 BINDING = "nbiot.plant.*.*.up"

@@ -1,4 +1,4 @@
-"""Which delivery witness keeps up with the broker: the simulator's own (gateway/sim/witness.py,
+"""Which delivery witness keeps up with the broker: the simulator's own (gateway/tools/sim/witness.py,
 our lean MQTT client in a process of its own) or mosquitto_sub, each reading the same burst
 of QoS 1 uplink messages from mosquitto as fast as it delivers them.
 
@@ -20,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway import localstack
-from gateway.bench.flood import publish_windowed
 from gateway.config import MqttSection
-from gateway.demo import MOSQUITTO_CONF
-from gateway.mqtt import MqttClient
-from gateway.sim.processes import Child
-from gateway.sim.witness import WitnessSpec
+from gateway.mqtt.client import MqttClient
+from gateway.tools import localstack
+from gateway.tools.bench.flood import publish_windowed
+from gateway.tools.demo import MOSQUITTO_CONF
+from gateway.tools.sim.processes import Child
+from gateway.tools.sim.witness import WitnessSpec
 
 TOPIC = "nbiot/plant/env_th/{}/up"
 WINDOW = 1000
@@ -61,7 +61,7 @@ async def count_lines(reader: asyncio.StreamReader, n: int, prefix_skip: bytes =
 
 async def ours(port: int, n: int, rate: float) -> tuple[float, float, float, float]:
     read_end, write_end = os.pipe()
-    child = await Child.start("witness", "gateway.sim.witness", (write_end,))
+    child = await Child.start("witness", "gateway.tools.sim.witness", (write_end,))
     os.close(write_end)
     await child.send(WitnessSpec(MqttSection(host="127.0.0.1", port=port), "nbiot/plant/+/+/up",
                                  "nbiot/plant/invalid", (write_end,)))

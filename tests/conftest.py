@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from gateway.localstack import free_port
+from gateway.tools.localstack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "gateway.toml"

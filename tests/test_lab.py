@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.lab.balancer import LabBalancer, lab_balancer
-from gateway.lab.netns import Lab, LabError, leftovers
-from gateway.lab.rabbit import RabbitCluster
-from gateway.mqtt import MqttClient
+from gateway.mqtt.client import MqttClient
 from gateway.tools.balancer import SLOTS, Backend, assign_slots, render_ruleset, render_slot_maps
+from gateway.tools.lab.balancer import LabBalancer, lab_balancer
+from gateway.tools.lab.netns import Lab, LabError, leftovers
+from gateway.tools.lab.rabbit import RabbitCluster
 from tests.conftest import ROOT, wait_for
 
 SHIPPED_NFT = ROOT / "config" / "nftables" / "nbiot-gateway-balancer.nft"
@@ -87,7 +87,7 @@ def test_lab_tears_down_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None
     script = textwrap.dedent(f"""
         import signal, sys, time
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        from gateway.lab.netns import Lab
+        from gateway.tools.lab.netns import Lab
         with Lab("{prefix}", hosts=1, brokers=1, net=None) as lab:
             lab.popen("b1", ["sleep", "300"])
             print("up", flush=True)

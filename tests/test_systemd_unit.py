@@ -107,7 +107,7 @@ def test_static_user_drop_in_of_the_docs_passes_verify_and_keeps_the_directory_m
 
 def test_unit_runs_the_documented_command_with_watchdog_and_drain_time() -> None:
     grace_s = load_config(SYSTEMD_CONFIG).gateway.shutdown_grace_s
-    commit_wait_s = 5.0  # gateway.service.COMMIT_WAIT_S
+    commit_wait_s = 5.0  # gateway.runtime.service.COMMIT_WAIT_S
 
     assert setting("Type") == ["notify"]
     assert setting("ExecStart") == [f"{INSTALLED_BINARY} run --config /etc/nbiot-gateway/gateway.toml"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import aiocoap
 import pytest
 
-from gateway.workers import owner
+from gateway.runtime.workers import owner
 from tests.coap_raw import RawCoap, uplink_request
 from tests.conftest import Broker, Gateway, Subscription, free_port, wait_for
 from tests.test_dtls import READING, coaps_client, coaps_toml

@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 
 from gateway.cluster.membership import Membership, rank
-from gateway.coap import wire
-from gateway.coap.server import Address, request_path, uplink_device_id
 from gateway.config import ClusterSection
-from gateway.metrics import Metrics
-from gateway.workers import owner as owner_worker
+from gateway.ingest.coap import wire
+from gateway.ingest.coap.server import Address, request_path, uplink_device_id
+from gateway.runtime.metrics import Metrics
+from gateway.runtime.workers import owner as owner_worker
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from gateway.coap import wire
-from gateway.coap.numbers import CON, EMPTY, RST
-from gateway.metrics import MetricsServer
+from gateway.ingest.coap import wire
+from gateway.ingest.coap.numbers import CON, EMPTY, RST
+from gateway.runtime.metrics import MetricsServer
 
 log = logging.getLogger("gateway.balancer")
 TABLE = "nbiot_balancer"
@@ -409,7 +409,7 @@ class Balancer:
 # -- the command --------------------------------------------------------------------------
 def run_balancer(balancer: Balancer, metrics_bind: str, metrics_port: int | None) -> int:
     """Run `balancer` until SIGTERM or SIGINT, then remove its table; exit 0."""
-    from gateway.logs import setup_logging
+    from gateway.runtime.logs import setup_logging
 
     setup_logging("INFO")
 
