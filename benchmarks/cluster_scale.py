@@ -3,10 +3,10 @@ the cost of a datagram relayed to its owner, the broker cluster's CPU per uplink
 ack latency of each `cluster.ack` mode. Root, Linux; figures only (docs/benchmarks.md,
 "Cluster: scale measured and projected").
 
-The cluster as `nbiot-gateway cluster-demo` builds it (gateway/lab/cluster_demo.py's host
+The cluster as `nbiot-gateway cluster-demo` builds it (gateway/tools/lab/cluster_demo.py's host
 configs): network namespaces, the nf_tables balancer on the VIP, gateway hosts (one worker
 each), a 3-node RabbitMQ 3.10 cluster with the uplink quorum queue. The load is
-gateway/bench/openload.py in the device namespace against the VIP: open loop, paced, a
+gateway/tools/bench/openload.py in the device namespace against the VIP: open loop, paced, a
 fresh UDP socket (source port) per uplink, RFC 7252 retransmission. Each step starts its
 hosts afresh (empty spool and state), sends every device once unmeasured (a known device
 costs less than a first uplink), idles `IDLE_S` (the hosts' CPU with no load: heartbeats,
@@ -44,15 +44,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gateway.bench.fleet import KEPT_UP_LAG_P99_S, OpenLoopRun
-from gateway.bench.loadgen import bench_device_id, write_bench_registry
-from gateway.bench.openload import LoadResult
-from gateway.bench.probe import bucket_quantile_s
-from gateway.bench.runner import machine
-from gateway.bench.witness import SEQ_SPAN
 from gateway.cluster.membership import rank
-from gateway.lab.balancer import lab_balancer
-from gateway.lab.cluster_demo import (
+from gateway.tools.balancer import Backend
+from gateway.tools.bench.fleet import KEPT_UP_LAG_P99_S, OpenLoopRun
+from gateway.tools.bench.loadgen import bench_device_id, write_bench_registry
+from gateway.tools.bench.openload import LoadResult
+from gateway.tools.bench.probe import bucket_quantile_s
+from gateway.tools.bench.runner import machine
+from gateway.tools.bench.witness import SEQ_SPAN
+from gateway.tools.lab.balancer import lab_balancer
+from gateway.tools.lab.cluster_demo import (
     METRICS_PORT,
     UPLINK_BINDING,
     UPLINK_QUEUE,
@@ -60,12 +61,10 @@ from gateway.lab.cluster_demo import (
     host_config,
     scrape,
     tail,
-    wait_until,
 )
-from gateway.lab.netns import Lab
-from gateway.lab.rabbit import RabbitCluster
-from gateway.localstack import CLOCK_TICKS, LOAD_ENV, cpu_s
-from gateway.tools.balancer import Backend
+from gateway.tools.lab.netns import Lab
+from gateway.tools.lab.rabbit import RabbitCluster
+from gateway.tools.localstack import CLOCK_TICKS, LOAD_ENV, cpu_s, wait_until
 
 PREFIX, NET = "nbsc", 61
 NS = "nbiot_gateway_"

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.bench.loadgen import bench_device_id, bench_token, write_bench_registry
-from gateway.bench.runner import MOSQUITTO_CONF
-from gateway.coap import wire
-from gateway.coap.numbers import CON, POST, URI_PATH, URI_QUERY
-from gateway.localstack import LOAD_ENV, SHIPPED_CONFIG, free_port, gateway_env, mosquitto
+from gateway.ingest.coap import wire
+from gateway.ingest.coap.numbers import CON, POST, URI_PATH, URI_QUERY
+from gateway.tools.bench.loadgen import bench_device_id, bench_token, write_bench_registry
+from gateway.tools.bench.runner import MOSQUITTO_CONF
+from gateway.tools.localstack import LOAD_ENV, SHIPPED_CONFIG, free_port, gateway_env, mosquitto
 
 DEVICES = 2000
 BATCH = 1000
@@ -67,7 +67,7 @@ def datagrams(count: int) -> list[tuple[bytes, tuple[str, int]]]:
 
 async def measure(count: int, profile: bool) -> None:
     from gateway.config import load_config
-    from gateway.service import Service
+    from gateway.runtime.service import Service
 
     service = Service(load_config(SHIPPED_CONFIG))
     await service.startup()

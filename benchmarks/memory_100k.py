@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway import localstack
-from gateway.bench.loadgen import write_bench_registry
-from gateway.bench.runner import loadgen
+from gateway.tools import localstack
+from gateway.tools.bench.loadgen import write_bench_registry
+from gateway.tools.bench.runner import loadgen
 
 BATCH = 16_000  # sockets per load generator process: below the 20,000 descriptor limit
 

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.registry import load_registry
+from gateway.pipeline.registry import load_registry
 
 TYPES = {"env_th": None, "power_meter": None, "gas": None, "vibration": None}
 ROUNDS = 5

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import localstack
 from gateway.config import load_config
-from gateway.demo import start_stack
-from gateway.sim.registry_file import make_registry
+from gateway.tools import localstack
+from gateway.tools.demo import start_stack
+from gateway.tools.sim.registry_file import make_registry
 
 
 @dataclass

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from gateway.model import Record
-from gateway.replay import Seen
-from gateway.spool import Spool
+from gateway.pipeline.replay import Seen
+from gateway.store.spool import Spool
 
 PAYLOAD = (b'{"device_id":"dev-012345","device_type":"climate","seq":1234,'
            b'"received_at":"2026-12-01T08:00:00.123Z","device_time":"2026-12-01T08:00:00.000Z",'

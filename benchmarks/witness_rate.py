@@ -1,4 +1,4 @@
-"""Which delivery witness keeps up with the broker: the simulator's own (gateway/sim/witness.py,
+"""Which delivery witness keeps up with the broker: the simulator's own (gateway/tools/sim/witness.py,
 our lean MQTT client in a process of its own) or mosquitto_sub, each reading the same burst
 of QoS 1 uplink messages from mosquitto as fast as it delivers them.
 
@@ -20,12 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway import localstack
 from gateway.config import MqttSection
-from gateway.demo import MOSQUITTO_CONF
-from gateway.mqtt import MqttClient
-from gateway.sim.processes import Child
-from gateway.sim.witness import WitnessSpec
+from gateway.mqtt.client import MqttClient
+from gateway.tools import localstack
+from gateway.tools.bench.flood import publish_windowed
+from gateway.tools.demo import MOSQUITTO_CONF
+from gateway.tools.sim.processes import Child
+from gateway.tools.sim.witness import WitnessSpec
 
 TOPIC = "nbiot/plant/env_th/{}/up"
 WINDOW = 1000
@@ -39,28 +40,9 @@ async def publish(port: int, n: int, rate: float) -> float:
     """Publish n messages, at most WINDOW awaiting PUBACK, `rate` a second (0: as fast as
     the broker acknowledges); the time of the last PUBACK."""
     client = await MqttClient.connect("127.0.0.1", port, client_id="bench-publisher")
-    done = asyncio.get_running_loop().create_future()
-    room = asyncio.Event()
-    acked = 0
-
-    def on_ack() -> None:
-        nonlocal acked
-        acked += 1
-        room.set()
-        if acked == n:
-            done.set_result(None)
-
-    started = time.monotonic()
-    for i in range(n):
-        if rate and i % 20 == 0:  # paced in groups of 20, as a busy gateway publishes
-            await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
-        if client.in_flight >= WINDOW:
-            room.clear()
-            await room.wait()
-        device = f"dev-{i % 10000:05d}"
-        client.publish(TOPIC.format(device), PAYLOAD.format(device, i).encode(), 1, False, on_ack)
-    await done
-    finished = time.monotonic()
+    messages = ((TOPIC.format(f"dev-{i % 10000:05d}"),
+                 PAYLOAD.format(f"dev-{i % 10000:05d}", i).encode()) for i in range(n))
+    finished = await publish_windowed(client, messages, n, WINDOW, rate)
     await client.disconnect()
     return finished
 
@@ -79,7 +61,7 @@ async def count_lines(reader: asyncio.StreamReader, n: int, prefix_skip: bytes =
 
 async def ours(port: int, n: int, rate: float) -> tuple[float, float, float, float]:
     read_end, write_end = os.pipe()
-    child = await Child.start("witness", "gateway.sim.witness", (write_end,))
+    child = await Child.start("witness", "gateway.tools.sim.witness", (write_end,))
     os.close(write_end)
     await child.send(WitnessSpec(MqttSection(host="127.0.0.1", port=port), "nbiot/plant/+/+/up",
                                  "nbiot/plant/invalid", (write_end,)))

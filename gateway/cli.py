@@ -170,7 +170,7 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    from gateway.demo import DEFAULT_DEVICES, DEFAULT_DURATION_S, DEFAULT_INTERVAL_S
+    from gateway.tools.demo import DEFAULT_DEVICES, DEFAULT_DURATION_S, DEFAULT_INTERVAL_S
 
     p.add_argument("--config", "-c", type=Path, default=None,
                    help="config to derive the demo's from (default: the shipped gateway.toml)")
@@ -188,7 +188,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 def _load(path: Path) -> tuple[object, object]:
     from gateway.config import load_config
-    from gateway.registry import load_registry
+    from gateway.pipeline.registry import load_registry
 
     settings = load_config(path)
     registry = load_registry(settings.registry.path, settings.types)
@@ -208,7 +208,7 @@ def cmd_check_config(path: Path) -> int:
     except ConfigError as e:
         return _config_invalid(path, e)
     from gateway.config import Settings
-    from gateway.registry import Registry
+    from gateway.pipeline.registry import Registry
 
     assert isinstance(settings, Settings) and isinstance(registry, Registry)
     ingest = []
@@ -229,10 +229,10 @@ def cmd_check_config(path: Path) -> int:
 
 def cmd_run(path: Path) -> int:
     from gateway.config import load_config
-    from gateway.logs import setup_logging
-    from gateway.rebalance import RebalanceError, rebalance
-    from gateway.service import Service
-    from gateway.spool import SpoolError
+    from gateway.runtime.logs import setup_logging
+    from gateway.runtime.rebalance import RebalanceError, rebalance
+    from gateway.runtime.service import Service
+    from gateway.store.spool import SpoolError
 
     try:
         settings = load_config(path)
@@ -263,12 +263,12 @@ def cmd_run(path: Path) -> int:
             print(f"cannot start in cluster mode: {e}", file=sys.stderr)
             return 1
     if workers > 1:
-        from gateway import supervisor
+        from gateway.runtime import supervisor
 
         try:
             # The registry is read by each worker; read it here too, so a bad file is
             # reported once, with exit 2, before anything forks.
-            from gateway.registry import load_registry
+            from gateway.pipeline.registry import load_registry
 
             load_registry(settings.registry.path, settings.types)
             return supervisor.run(settings, path)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sim":
         return cmd_sim(args)
     if args.command == "demo":
-        from gateway.demo import run_demo
+        from gateway.tools.demo import run_demo
 
         return run_demo(args.config, devices=args.devices, duration_s=args.duration_s,
                         interval_s=args.interval_s, profile=args.profile, seed=args.seed,
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return cmd_bench(args)
     if args.command == "soak":
-        from gateway.bench.soak import run_soak
+        from gateway.tools.bench.soak import run_soak
 
         return run_soak(devices=args.devices, interval_s=args.interval_s,
                         duration_s=args.duration_s, sample_s=args.sample_s,
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "balancer":
         return cmd_balancer(args)
     if args.command == "cluster-demo":
-        from gateway.lab.cluster_demo import run_cluster_demo
+        from gateway.tools.lab.cluster_demo import run_cluster_demo
 
         return run_cluster_demo(ack=args.ack, devices=args.devices, interval_s=args.interval_s,
                                 duration_s=args.duration_s, seed=args.seed,
@@ -358,20 +358,20 @@ def cmd_balancer(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.profile == "fleet":
-        from gateway.bench import fleet
+        from gateway.tools.bench import fleet
 
         return fleet.run_fleet_bench(
             devices=args.devices or fleet.DEFAULT_DEVICES,
             rates=args.rates or fleet.DEFAULT_RATES,
             duration_s=args.duration or fleet.DEFAULT_DURATION_S,
             json_out=args.json_path, loadgen_procs=args.loadgen_procs)
-    from gateway.bench.runner import run_bench
+    from gateway.tools.bench.runner import run_bench
 
     return run_bench(args.devices or 2000, args.duration or 10.0, args.json_path, args.workers)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from gateway.sim import command
+    from gateway.tools.sim import command
 
     if args.make_registry is not None:
         return command.make_registry_command(args.config, args.make_registry, args.out,

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from gateway.bench.openload import LogHistogram, Schedule, SlotSet
-from gateway.bench.probe import bucket_quantile_s
-from gateway.bench.soak import Sample, figures, trend
+from gateway.tools.bench.openload import LogHistogram, Schedule, SlotSet
+from gateway.tools.bench.probe import bucket_quantile_s
+from gateway.tools.bench.soak import Sample, figures, trend
 
 
 def test_quantile_comes_from_the_buckets_observed_between_two_scrapes() -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from gateway.cluster.membership import rank
 from gateway.cluster.uplink_queue import binding_matches
-from gateway.workers import owner
+from gateway.runtime.workers import owner
 from tests.coap_raw import RawCoap, uplink_request
 from tests.conftest import DEVICES, Broker, Device, Gateway, Subscription, free_port, wait_for
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.lab.cluster_demo import HOSTS, ClusterDemo
-from gateway.lab.netns import leftovers
+from gateway.tools.lab.cluster_demo import HOSTS, ClusterDemo
+from gateway.tools.lab.netns import leftovers
 
 if os.geteuid() != 0:
     pytest.fail("tests/test_cluster_demo.py needs root (network namespaces), as "

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.codecs import CBOR, DECODERS, JSON, SENML_CBOR, SENML_JSON, Decoded, DecodeError, senml
 from gateway.config import load_config
-from gateway.schema import SchemaViolation, build_schemas
+from gateway.pipeline.codecs import CBOR, DECODERS, JSON, SENML_CBOR, SENML_JSON, Decoded, DecodeError, senml
+from gateway.pipeline.schema import SchemaViolation, build_schemas
 from gateway.timefmt import rfc3339_ms
 from tests.conftest import DEFAULT_CONFIG
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import aiocoap
 import pytest
 
-from gateway.spool import _connect
+from gateway.store.spool import _connect
 from tests.coap_raw import RawCoap, uplink_request
 from tests.conftest import DEVICES, Broker, SandboxedGateway
 

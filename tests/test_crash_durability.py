@@ -18,7 +18,7 @@ from pathlib import Path
 import aiocoap
 import pytest
 
-from gateway.localstack import free_port
+from gateway.tools.localstack import free_port
 from tests.coap_raw import RawCoap, uplink_request
 from tests.conftest import DEVICES, Broker, Gateway, Subscription, wait_for
 from tests.test_downlink import publish_command, states
@@ -65,7 +65,7 @@ def uplink_published(sub: Subscription, seq: int) -> bool:
 def test_an_acked_seq_retried_after_kill_9_is_a_duplicate_not_published_again(
     gateway: Gateway,
 ) -> None:
-    # Checked: with the spool's device_seqs upsert taken out of its commit (gateway/spool.py
+    # Checked: with the spool's device_seqs upsert taken out of its commit (gateway/store/spool.py
     # `_commit`), the retry is accepted as new (accepted 1, duplicate 0) and this fails.
     first = send_uplink(gateway, {"seq": 7, "temperature": 20.0})
     assert first.code == aiocoap.CHANGED

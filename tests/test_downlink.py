@@ -16,10 +16,10 @@ from pathlib import Path
 import aiocoap
 import pytest
 
-from gateway.downlink import Downlink, DownlinkStore
-from gateway.registry import Device as RegistryDevice
-from gateway.registry import Registry
-from gateway.spool import Spool
+from gateway.pipeline.registry import Device as RegistryDevice
+from gateway.pipeline.registry import Registry
+from gateway.store.downlink import Downlink, DownlinkStore
+from gateway.store.spool import Spool
 from tests.coap_raw import RawCoap, uplink_request
 from tests.conftest import DEVICES, Broker, Gateway, Subscription
 from tests.write_lock import write_locks

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import aiocoap
 
-from gateway.publisher import Backoff
+from gateway.mqtt.publisher import Backoff
 from tests.conftest import DEVICES, Broker, Device, Gateway, Subscription, paused, wait_for
 
 SENDERS = [d for d in DEVICES if not d.device_id.startswith("off-")]

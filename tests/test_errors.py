@@ -325,7 +325,7 @@ def test_overlong_content_format_option_is_ignored_not_an_internal_error(gateway
     # RFC 7252 5.4.3: an elective option longer than its format allows is ignored; a
     # 2,000-byte value must not become a 4,800-digit number somewhere inside the gateway.
     # (aiocoap will not encode such an option, so this one datagram is built by hand.)
-    from gateway.coap import wire
+    from gateway.ingest.coap import wire
 
     options = [(11, b"up"), (11, TH.device_id.encode()), (12, b"\x01" * 2000),
                (15, f"k={TH.token}".encode())]

@@ -5,6 +5,7 @@ removed, a CoAP exchange through the VIP, a dead backend's devices moved. Root o
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -18,16 +19,24 @@ from pathlib import Path
 
 import pytest
 
-from gateway.lab.balancer import LabBalancer, lab_balancer
-from gateway.lab.netns import Lab, LabError, leftovers
-from gateway.lab.rabbit import RabbitCluster
-from gateway.mqtt import MqttClient
+from gateway.mqtt.client import MqttClient
 from gateway.tools.balancer import SLOTS, Backend, assign_slots, render_ruleset, render_slot_maps
+from gateway.tools.lab.balancer import LabBalancer, lab_balancer
+from gateway.tools.lab.netns import Lab, LabError, leftovers
+from gateway.tools.lab.rabbit import RabbitCluster
 from tests.conftest import ROOT, wait_for
 
 SHIPPED_NFT = ROOT / "config" / "nftables" / "nbiot-gateway-balancer.nft"
-# Each test its own prefix and subnet: a lab left by a failing test never meets the next.
-_nets = itertools.count(81, 2)
+# Each test its own prefix, named after this checkout and the xdist worker too: a lab left
+# by a crashed run is removed by the next run here, and runs in other worktrees or workers
+# never meet it. Subnets: the first free one (a demo may be up beside us).
+_CHECKOUT = hashlib.sha1(str(ROOT).encode()).hexdigest()[:4]
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")[-1:]
+
+
+def P(test: str) -> str:
+    return f"t{_CHECKOUT}{test}{_WORKER}"
+
 
 if os.geteuid() != 0:
     pytest.fail("tests/test_lab.py needs root (network namespaces), as ./scripts/test runs",
@@ -38,57 +47,63 @@ pytestmark = pytest.mark.xdist_group("netns")
 
 
 def lab(prefix: str, **kw: object) -> Lab:
-    return Lab(prefix, net=next(_nets), **kw)  # type: ignore[arg-type]
+    return Lab(prefix, net=None, **kw)  # type: ignore[arg-type]
 
 
 # -- the namespaces -----------------------------------------------------------------------
 def test_lab_builds_its_namespaces_and_removes_every_one(tmp_path: Path) -> None:
-    with lab("nbta", hosts=2, brokers=1, workdir=tmp_path) as built:
-        during = leftovers("nbta")
+    with lab(P("a"), hosts=2, brokers=1, workdir=tmp_path) as built:
+        during = leftovers(P("a"))
         sleeper = built.popen("h2", ["sleep", "300"])
         host_route = built.run("h1", ["ip", "route", "show", "default"]).stdout
         device_route = built.run("dev", ["ip", "route", "show", "default"]).stdout
-    assert {"nbta-lb", "nbta-dev", "nbta-h1", "nbta-h2", "nbta-b1", "nbta-br"} <= set(during)
+    assert {f"{P('a')}-{short}" for short in ("lb", "dev", "h1", "h2", "b1", "br")} <= set(during)
     assert host_route.startswith(f"default via {built.balancer_ip} ")
     assert device_route.startswith(f"default via {built.vip} ")
     assert sleeper.poll() == -signal.SIGTERM
-    assert leftovers("nbta") == []
+    assert leftovers(P("a")) == []
 
 
 def test_lab_removes_a_crashed_runs_leftovers_at_start(tmp_path: Path) -> None:
-    subprocess.run(["ip", "netns", "add", "nbtb-h1"], check=True)
-    subprocess.run(["ip", "link", "add", "nbtb-br", "type", "bridge"], check=True)
-    daemon = subprocess.Popen(["ip", "netns", "exec", "nbtb-h1", "sleep", "300"])
-    with lab("nbtb", hosts=1, brokers=0, workdir=tmp_path):
+    subprocess.run(["ip", "netns", "add", P("b") + "-h1"], check=True)
+    subprocess.run(["ip", "link", "add", P("b") + "-br", "type", "bridge"], check=True)
+    daemon = subprocess.Popen(["ip", "netns", "exec", P("b") + "-h1", "sleep", "300"])
+    with lab(P("b"), hosts=1, brokers=0, workdir=tmp_path):
         pass
     assert daemon.wait(10) == -signal.SIGKILL
-    assert leftovers("nbtb") == []
+    assert leftovers(P("b")) == []
 
 
 def test_lab_refuses_a_prefix_in_use(tmp_path: Path) -> None:
-    with lab("nbtc", hosts=1, brokers=0, workdir=tmp_path), pytest.raises(LabError, match="in use"):
-        Lab("nbtc", hosts=1, brokers=0, net=next(_nets)).__enter__()
-    assert leftovers("nbtc") == []
+    with lab(P("c"), hosts=1, brokers=0, workdir=tmp_path), pytest.raises(LabError, match="in use"):
+        Lab(P("c"), hosts=1, brokers=0, net=None).__enter__()
+    assert leftovers(P("c")) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_lab_tears_down_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    prefix = P("d" if sig == signal.SIGTERM else "j")
+    # Ctrl-C as in a terminal: an xdist worker's children inherit SIGINT ignored.
     script = textwrap.dedent(f"""
-        import sys, time
-        from gateway.lab.netns import Lab
-        with Lab("nbtd", hosts=1, brokers=1, net={next(_nets)}) as lab:
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from gateway.tools.lab.netns import Lab
+        with Lab("{prefix}", hosts=1, brokers=1, net=None) as lab:
             lab.popen("b1", ["sleep", "300"])
             print("up", flush=True)
             time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert proc.stdout is not None and proc.stdout.readline() == "up\n"
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=30)
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
     assert proc.returncode != 0
     assert ("LabInterrupted" if sig == signal.SIGTERM else "KeyboardInterrupt") in stderr
-    assert leftovers("nbtd") == []
+    assert leftovers(prefix) == []
 
 
 # -- the balancer's rules -----------------------------------------------------------------
@@ -111,7 +126,7 @@ def test_the_shipped_nft_file_is_what_the_checker_installs(tmp_path: Path) -> No
     rendered = render_ruleset("192.0.2.10", 5683, backends) + render_slot_maps(
         assign_slots(backends, {"h1", "h2", "h3"}))
     shipped = SHIPPED_NFT.read_text()
-    with lab("nbte", hosts=1, brokers=0, workdir=tmp_path) as built:
+    with lab(P("e"), hosts=1, brokers=0, workdir=tmp_path) as built:
         checked = built.run("lb", ["nft", "-c", "-f", str(SHIPPED_NFT)], check=False)
     assert shipped.endswith(rendered)
     assert checked.returncode == 0, checked.stderr
@@ -132,6 +147,13 @@ s.settimeout(2)
 s.sendto(bytes((0x40, 0, 0x12, 0x34)), (sys.argv[1], 5683))
 print(s.recvfrom(64)[1])
 """
+
+
+BALANCED_TAGS = {  # a prefix of its own for each test on the `balanced` fixture
+    "test_coap_through_the_vip_reaches_a_host_that_sees_the_device_and_answers_from_the_vip": "f",
+    "test_a_killed_backends_devices_move_to_the_others_and_only_they_move": "h",
+    "test_the_checker_puts_back_a_table_removed_under_it": "i",
+}
 
 
 class Fleet:
@@ -168,8 +190,9 @@ class Fleet:
 
 
 @pytest.fixture
-def balanced(tmp_path: Path) -> Iterator[tuple[Fleet, LabBalancer]]:
-    with lab("nbtf", hosts=3, brokers=0, workdir=tmp_path, software_checksums=True) as built:
+def balanced(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Fleet, LabBalancer]]:
+    tag = BALANCED_TAGS[request.function.__name__]
+    with lab(P(tag), hosts=3, brokers=0, workdir=tmp_path, software_checksums=True) as built:
         fleet = Fleet(built)
         with lab_balancer(built) as running:
             running.wait_for(set(built.hosts))
@@ -238,9 +261,10 @@ async def durable_session(cluster: RabbitCluster, address: str, client_id: str) 
 
 def test_the_rabbitmq_cluster_keeps_a_pubacked_uplink_in_its_quorum_queue_with_a_node_down(
         tmp_path: Path) -> None:
-    with lab("nbtg", hosts=1, brokers=3, workdir=tmp_path) as built, \
+    with lab(P("g"), hosts=1, brokers=3, workdir=tmp_path) as built, \
             RabbitCluster(built, nodes=3) as cluster:
-        print(f"\nrabbitmq: nodes serving after {cluster.start_seconds} s (started at once)")
+        print(f"\nrabbitmq: nodes serving after {cluster.start_seconds} s (started at once), "
+              f"restarted to take MQTT CONNECTs: {cluster.mqtt_repairs or 'none'}")
         cluster.declare_uplink_queue("uplinks", "nbiot.plant.*.*.up")
         bound = cluster.bindings_for("nbiot/plant/d1/t1/up"), cluster.bindings_for("nbiot/x/up")
         b1, b2, b3 = cluster.mqtt_addresses()
@@ -257,4 +281,23 @@ def test_the_rabbitmq_cluster_keeps_a_pubacked_uplink_in_its_quorum_queue_with_a
     assert members == {n.node for n in cluster.nodes}
     assert queues["uplinks"]["type"] == "quorum"
     assert queues["mqtt-subscription-sub-1qos1"]["type"] == "quorum"  # durable MQTT sessions
-    assert leftovers("nbtg") == []
+    assert leftovers(P("g")) == []
+
+
+def test_the_checker_puts_back_a_table_removed_under_it(
+        balanced: tuple[Fleet, LabBalancer]) -> None:
+    fleet, running = balanced
+
+    def table_installed() -> bool:
+        return fleet.lab.run("lb", ["nft", "list", "table", "ip", "nbiot_balancer"],
+                             check=False).returncode == 0
+
+    fleet.lab.run("lb", ["nft", "flush", "ruleset"])
+    wait_for(table_installed, what="the checker to notice and install its table again")
+    fleet.lab.run("lb", ["nft", "flush", "ruleset"])
+    fleet.lab.kill(fleet.servers["h2"])  # the map rewrite finds no table: all of it again
+    running.wait_for({"h1", "h3"})
+    answers = [fleet.get(port) for port in DEVICE_PORTS[:4]]
+    table = fleet.lab.run("lb", ["nft", "list", "map", "ip", "nbiot_balancer", "slot_addr"]).stdout
+    assert all(a.returncode == 0 and "libcoap" in a.stdout for a in answers), answers
+    assert fleet.lab.host_ip(2) not in table and fleet.lab.host_ip(1) in table

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from gateway.metrics import LATENCY_BUCKETS_S, LoopCounter, LoopHistogram
+from gateway.runtime.metrics import LATENCY_BUCKETS_S, LoopCounter, LoopHistogram
 
 observations = st.lists(st.floats(min_value=0, max_value=100) | st.sampled_from(
     LATENCY_BUCKETS_S), max_size=50)  # bounds themselves: `le` includes them

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.message import MessageFormat, reference_encoding
-from gateway.schema import MAX_DEVICE_TIME_S
+from gateway.pipeline.message import MessageFormat, reference_encoding
+from gateway.pipeline.schema import MAX_DEVICE_TIME_S
 from gateway.timefmt import rfc3339_ms
 
 texts = st.text(min_size=1, max_size=20)

@@ -1,4 +1,4 @@
-"""gateway.metrics_merge: the workers' expositions merged into the supervisor's one `/metrics`,
+"""gateway.runtime.metrics_merge: the workers' expositions merged into the supervisor's one `/metrics`,
 checked on real `Metrics()` registries by parsing the output with prometheus_client's parser
 (and `promtool check metrics`)."""
 
@@ -14,8 +14,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import Metrics
-from gateway.metrics_merge import merge
+from gateway.runtime.metrics import Metrics
+from gateway.runtime.metrics_merge import merge
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 NS = "nbiot_gateway"
@@ -261,7 +261,7 @@ def test_eight_workers_merge_in_a_few_milliseconds(inputs: list[bytes]) -> None:
 
 
 def test_created_series_are_dropped() -> None:
-    # gateway.metrics disables them; a worker built without that must not add up start times.
+    # gateway.runtime.metrics disables them; a worker built without that must not add up start times.
     # This is how generate_latest writes them: a gauge family of their own.
     text = (b"# HELP x_total Things.\n# TYPE x_total counter\nx_total 2.0\n"
             b"# HELP x_created Things.\n# TYPE x_created gauge\nx_created 1.7e+09\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.mqtt import MqttClient, MqttError, Will
+from gateway.mqtt.client import MqttClient, MqttError, Will
 from tests.conftest import Broker, Subscription, free_port, mosquitto_binary, popen_logged, wait_for
 
 

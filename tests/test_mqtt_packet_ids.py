@@ -1,4 +1,4 @@
-"""MQTT packet ids of the lean client (gateway/mqtt.py) past 65,535 publishes, against a real
+"""MQTT packet ids of the lean client (gateway/mqtt/client.py) past 65,535 publishes, against a real
 mosquitto whose debug log is the witness of what went over the wire: which packet id each
 PUBLISH carried, and which PUBACK the broker sent back. Ids must wrap, never be 0, never be
 in flight twice, and each PUBACK must resolve exactly the publish it belongs to.
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.localstack import free_port
-from gateway.mqtt import MqttClient, MqttError
+from gateway.mqtt.client import MqttClient, MqttError
+from gateway.tools.localstack import free_port
 from tests.conftest import mosquitto_binary, popen_logged, wait_for
 
 MAX_PACKET_ID = 65535

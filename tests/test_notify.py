@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.notify import Notifier, notify, reloading_message, status_line, watchdog_interval_s
+from gateway.runtime.notify import Notifier, notify, reloading_message, status_line, watchdog_interval_s
 from tests.conftest import DEADLINE_S, Gateway, wait_for
 
 WATCHDOG_USEC = 600_000  # a ping every 0.3 s: several arrive while a test runs

@@ -22,14 +22,14 @@ from typing import Any
 
 import pytest
 
-from gateway import rebalance as rb
-from gateway.downlink import Command, DownlinkStore
-from gateway.liveness import LivenessStore
 from gateway.model import Record
-from gateway.rebalance import RebalanceError, rebalance
-from gateway.replay import ReplayWindow, Seen, SeqState
-from gateway.spool import Spool
-from gateway.workers import owner, state_files
+from gateway.pipeline.replay import ReplayWindow, Seen, SeqState
+from gateway.runtime import rebalance as rb
+from gateway.runtime.rebalance import RebalanceError, rebalance
+from gateway.runtime.workers import owner, state_files
+from gateway.store.downlink import Command, DownlinkStore
+from gateway.store.liveness import LivenessStore
+from gateway.store.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = [f"dev-{i:02d}" for i in range(24)]
@@ -427,7 +427,7 @@ async def test_sigkill_in_the_middle_of_the_renames(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from gateway import rebalance as rb\n"
+        "from gateway.runtime import rebalance as rb\n"
         "real, done = rb._install, []\n"
         "def install(temp, target):\n"
         "    real(temp, target)\n"

@@ -12,8 +12,8 @@ from typing import Any
 import aiocoap
 import pytest
 
-from gateway.replay import ReplayWindow, Seen
-from gateway.spool import fold_seq_log
+from gateway.pipeline.replay import ReplayWindow, Seen
+from gateway.store.spool import fold_seq_log
 from tests.coap_raw import RawCoap, uplink_request
 from tests.conftest import DEVICES, Gateway, Subscription, wait_for
 from tests.test_dedup import send_barrier, seqs_published_through

@@ -9,10 +9,10 @@ from typing import Any
 import aiocoap
 from prometheus_client import CollectorRegistry
 
-from gateway.coap.server import CoapServer
 from gateway.errors import UplinkRejected
-from gateway.metrics import Metrics
+from gateway.ingest.coap.server import CoapServer
 from gateway.model import Uplink, Verdict
+from gateway.runtime.metrics import Metrics
 from tests.coap_raw import uplink_request
 
 ADDR = ("192.0.2.7", 40000)

@@ -10,9 +10,9 @@ import struct
 
 from prometheus_client import CollectorRegistry
 
-from gateway.metrics import Metrics
-from gateway.siblings import Siblings
-from gateway.workers import owner
+from gateway.runtime.metrics import Metrics
+from gateway.runtime.siblings import Siblings
+from gateway.runtime.workers import owner
 
 DEVICE = next(f"dev-{i}" for i in range(100) if owner(f"dev-{i}", 2) == 1)
 

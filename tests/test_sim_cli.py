@@ -9,7 +9,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import load_config
-from gateway.registry import load_registry
+from gateway.pipeline.registry import load_registry
 from tests.conftest import DEFAULT_CONFIG
 
 

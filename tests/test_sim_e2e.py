@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Settings, load_config
-from gateway.registry import Registry, load_registry
-from gateway.sim.command import sim_section
-from gateway.sim.payloads import EXPECTED_CODE, Fault
-from gateway.sim.registry_file import make_registry
-from gateway.sim.report import Summary
-from gateway.sim.run import simulate
+from gateway.pipeline.registry import Registry, load_registry
+from gateway.tools.sim.command import sim_section
+from gateway.tools.sim.payloads import EXPECTED_CODE, Fault
+from gateway.tools.sim.registry_file import make_registry
+from gateway.tools.sim.report import Summary
+from gateway.tools.sim.run import simulate
 from tests.conftest import Gateway
 
 DEVICES = 300

@@ -3,12 +3,12 @@ books of several fleet processes merge; the gateway's own histogram read over a 
 
 from __future__ import annotations
 
-from gateway.registry import Device
-from gateway.sim.gateway_side import GatewayReading, ack_latency_ms
-from gateway.sim.ledger import Ledger
-from gateway.sim.payloads import Fault
-from gateway.sim.report import Summary, percentiles
-from gateway.sim.run import split_by_index
+from gateway.pipeline.registry import Device
+from gateway.tools.sim.gateway_side import GatewayReading, ack_latency_ms
+from gateway.tools.sim.ledger import Ledger
+from gateway.tools.sim.payloads import Fault
+from gateway.tools.sim.report import Summary, percentiles
+from gateway.tools.sim.run import split_by_index
 
 
 def ledger_with(device_id: str = "th-1", first_seq: int = 100) -> Ledger:

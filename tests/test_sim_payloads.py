@@ -10,14 +10,14 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.coap import numbers as C
-from gateway.coap import wire
-from gateway.codecs import CBOR, JSON, SENML_CBOR, SENML_JSON
 from gateway.config import load_config
-from gateway.message import MessageFormat
-from gateway.sim import payloads
-from gateway.sim.exchange import encode_request, request_options
-from gateway.sim.witness import uplink_key
+from gateway.ingest.coap import numbers as C
+from gateway.ingest.coap import wire
+from gateway.pipeline.codecs import CBOR, JSON, SENML_CBOR, SENML_JSON
+from gateway.pipeline.message import MessageFormat
+from gateway.tools.sim import payloads
+from gateway.tools.sim.exchange import encode_request, request_options
+from gateway.tools.sim.witness import uplink_key
 from tests.conftest import DEFAULT_CONFIG
 
 FIELD = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)

@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 
 from gateway.config import MqttSection
-from gateway.mqtt import MqttClient
-from gateway.sim.processes import Child
-from gateway.sim.witness import WitnessSpec, WitnessStats
+from gateway.mqtt.client import MqttClient
+from gateway.tools.sim.processes import Child
+from gateway.tools.sim.witness import WitnessSpec, WitnessStats
 from tests.conftest import Broker, Gateway
 from tests.test_sim_e2e import REASON, fleet_gateway, run_fleet
 
@@ -23,7 +23,7 @@ async def test_witness_process_streams_each_uplink_to_its_fleet_process_with_its
     broker: Broker,
 ) -> None:
     feeds = [os.pipe(), os.pipe()]
-    witness = await Child.start("witness", "gateway.sim.witness", tuple(w for _, w in feeds))
+    witness = await Child.start("witness", "gateway.tools.sim.witness", tuple(w for _, w in feeds))
     for _, write_end in feeds:
         os.close(write_end)
     lines: list[list[str]] = [[], []]
@@ -125,7 +125,7 @@ async def test_a_lagging_fleet_loop_makes_the_summary_withhold_its_latencies(
 
 
 async def test_the_witness_failing_to_subscribe_stops_the_run_with_its_reason() -> None:
-    witness = await Child.start("witness", "gateway.sim.witness", ())
+    witness = await Child.start("witness", "gateway.tools.sim.witness", ())
     try:
         # Nothing listens on port 9 (discard) on loopback here.
         await witness.send(WitnessSpec(MqttSection(host="127.0.0.1", port=9),

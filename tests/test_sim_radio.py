@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.coap import numbers as C
-from gateway.coap import wire
-from gateway.sim.exchange import Exchange, Link, Outcome, build_request
-from gateway.sim.radio import LATENCY, Coverage, NatMapping, Radio
-from gateway.sim.retransmit import TransmissionParameters
+from gateway.ingest.coap import numbers as C
+from gateway.ingest.coap import wire
+from gateway.tools.sim.exchange import Exchange, Link, Outcome, build_request
+from gateway.tools.sim.radio import LATENCY, Coverage, NatMapping, Radio
+from gateway.tools.sim.retransmit import TransmissionParameters
 
 
 class FakeClock:

@@ -11,15 +11,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.coap import numbers as C
-from gateway.coap import wire
 from gateway.config import load_config
-from gateway.registry import Device
-from gateway.sim.exchange import Exchange, Link, Outcome, build_request
-from gateway.sim.fleet import Fleet, build_devices
-from gateway.sim.ledger import Ledger
-from gateway.sim.radio import Coverage, Radio
-from gateway.sim.retransmit import (
+from gateway.ingest.coap import numbers as C
+from gateway.ingest.coap import wire
+from gateway.pipeline.registry import Device
+from gateway.tools.sim.exchange import Exchange, Link, Outcome, build_request
+from gateway.tools.sim.fleet import Fleet, build_devices
+from gateway.tools.sim.ledger import Ledger
+from gateway.tools.sim.radio import Coverage, Radio
+from gateway.tools.sim.retransmit import (
     RFC7252,
     RetransmissionTimer,
     TransmissionParameters,

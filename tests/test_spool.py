@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gateway.model import Record
-from gateway.replay import Seen
-from gateway.spool import (
+from gateway.pipeline.replay import Seen
+from gateway.store.spool import (
     FORMAT_VERSION,
     MAX_ROWS_PER_STATEMENT,
     PAGE_SIZE_BYTES,

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from gateway.model import Record
-from gateway.replay import Seen, SeqState
-from gateway.spool import Spool
+from gateway.pipeline.replay import Seen, SeqState
+from gateway.store.spool import Spool
 
 DISK_BYTES = 4 << 20
 

@@ -1,4 +1,4 @@
-"""The CoAP socket's transport (gateway/coap/udp.py): datagrams read in batches, each batch
+"""The CoAP socket's transport (gateway/ingest/coap/udp.py): datagrams read in batches, each batch
 stamped with the time its first datagram was noticed, none lost past a full batch, and
 replies sent from the same socket."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from gateway.coap.udp import MAX_BATCH, Address, GatheringUdpTransport, Received, serve_udp
-from gateway.coap.udp import gather_s as gather_for_linger
+from gateway.ingest.coap.udp import MAX_BATCH, Address, GatheringUdpTransport, Received, serve_udp
+from gateway.ingest.coap.udp import gather_s as gather_for_linger
 
 
 class Batches:

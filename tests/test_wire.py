@@ -10,8 +10,8 @@ from aiocoap.optiontypes import BlockOption, OpaqueOption
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.coap import numbers as C
-from gateway.coap import wire
+from gateway.ingest.coap import numbers as C
+from gateway.ingest.coap import wire
 
 PROPERTY = settings(max_examples=300, deadline=None)
 KNOWN_OPTIONS = frozenset(int(n) for n in OptionNumber)

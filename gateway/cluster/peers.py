@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 
 from gateway.cluster.membership import Membership, rank
-from gateway.coap import wire
-from gateway.coap.server import Address, request_path, uplink_device_id
 from gateway.config import ClusterSection
-from gateway.metrics import Metrics
-from gateway.workers import owner as owner_worker
+from gateway.ingest.coap import wire
+from gateway.ingest.coap.server import Address, request_path, uplink_device_id
+from gateway.runtime.metrics import Metrics
+from gateway.runtime.workers import owner as owner_worker
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +221,11 @@ class PeerChannel(asyncio.DatagramProtocol):
             rejected.labels("malformed").inc()
 
     # -- what the membership means for this worker's devices ----------------------------
-    def taken_over(self, device_ids: list[str]) -> tuple[int, int]:
-        """(owned now, owned because their home host is down) among `device_ids`."""
-        owned = taken = 0
+    def taken_over(self, owned: set[str]) -> int:
+        """How many of the devices this host `owned` are here because their home host (the
+        first in rank over every configured host) is not heard."""
         hosts = self.membership.hosts
-        for device_id in device_ids:
-            if self.membership.owns(device_id):
-                owned += 1
-                if rank(device_id, hosts)[0] != self.me:
-                    taken += 1
-        return owned, taken
+        return sum(1 for device_id in owned if rank(device_id, hosts)[0] != self.me)
 
 
 def _device_address(body: bytes) -> tuple[tuple[str, int], bytes]:

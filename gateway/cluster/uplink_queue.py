@@ -27,9 +27,11 @@ class UplinkQueueMissing(GatewayError):
     """The broker cluster keeps no uplink: the gateway must not start."""
 
 
-def routing_key(topic: str) -> str:
-    """An MQTT topic as RabbitMQ's MQTT plugin routes it on amq.topic."""
-    return topic.replace("/", ".")
+def mqtt_to_routing_key(topic: str) -> str:
+    """The AMQP routing key RabbitMQ's MQTT plugin gives a topic (`/` and `.` swapped), or
+    the binding key of a topic filter (`+` -> `*`, `#` stays)."""
+    swapped = topic.translate(str.maketrans("/.", "./"))
+    return ".".join("*" if word == "+" else word for word in swapped.split("."))
 
 
 def binding_matches(binding_key: str, key: str) -> bool:
@@ -48,7 +50,7 @@ def _match(pattern: list[str], words: list[str]) -> bool:
 
 def check(settings: Settings) -> str:
     """A line naming the queue(s) that keep the uplinks; raise UplinkQueueMissing else."""
-    sample = routing_key(f"{settings.mqtt.topic_prefix}/{settings.gateway.tenant}/"
+    sample = mqtt_to_routing_key(f"{settings.mqtt.topic_prefix}/{settings.gateway.tenant}/"
                          "type/device/up")
     problems: list[str] = []
     for api in settings.cluster.broker_api:

@@ -1,2 +1,2 @@
-"""Operator tools that run beside the gateway, on hosts of their own (the cluster's balancer).
-The daemon never imports them."""
+"""Everything that is not the daemon: the fleet simulator (`sim`), the benchmarks (`bench`),
+`demo`, the cluster lab (`lab`) and the cluster's balancer. The daemon never imports them."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import itertools
 import logging
@@ -25,9 +24,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from gateway.coap import wire
-from gateway.coap.numbers import CON, EMPTY, RST
-from gateway.metrics import MetricsServer
+from gateway.ingest.coap import wire
+from gateway.ingest.coap.numbers import CON, EMPTY, RST
+from gateway.runtime.metrics import MetricsServer
 
 log = logging.getLogger("gateway.balancer")
 TABLE = "nbiot_balancer"
@@ -40,6 +39,7 @@ PROBE_INTERVAL_S = 0.2
 DOWN_AFTER_MISSES = 3
 UP_AFTER_ANSWERS = 2
 NS = "nbiot_balancer"
+TABLE_CHECK_S = 2.0  # how often the checker makes sure its table is still there
 
 
 class BalancerError(Exception):
@@ -147,8 +147,12 @@ def assign_slots(backends: Sequence[Backend], up: set[str], slots: int = SLOTS) 
 def nft(script: str) -> None:
     """Apply `script` with `nft -f -`: one transaction, all or nothing. Blocking (~5 ms),
     and called only when a backend changes state, so the probe loop can wait for it."""
-    result = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
-                            timeout=10)
+    try:
+        result = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BalancerError(f"cannot run nft ({e}): apt-get install nftables, run as root"
+                            ) from None
     if result.returncode:
         raise BalancerError(f"nft refused the change: {result.stderr.strip()}")
 
@@ -170,7 +174,8 @@ class BalancerMetrics:
                                     "backend did not answer in time", ["backend"],
                                     registry=self.registry)
         self.map_errors = Counter(f"{NS}_map_update_errors_total", "Slot map rewrites nft "
-                                  "refused: the map is stale, see the log", registry=self.registry)
+                                  "refused, even with the whole table: the map is stale, see "
+                                  "the log", registry=self.registry)
         for b in backends:
             self.up.labels(b.name)
             self.pings_missed.labels(b.name)
@@ -188,19 +193,23 @@ class BackendHealth:
 
 
 class _PingProtocol(asyncio.DatagramProtocol):
-    """A connected UDP socket to one backend: an RST with the awaited message id is an answer."""
+    """One unconnected UDP socket for every backend (one without a route yet is simply not
+    answering): an RST from a backend's address with its awaited message id is an answer."""
 
-    def __init__(self, health: BackendHealth) -> None:
-        self.health = health
+    def __init__(self, health: Sequence[BackendHealth]) -> None:
+        self.by_address = {(h.backend.ip, h.backend.port): h for h in health}
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        health = self.by_address.get(addr[:2])
+        if health is None:
+            return
         with contextlib.suppress(wire.CoapFormatError):
             reply = wire.decode(data)
-            if reply.mtype == RST and reply.mid == self.health.awaited_mid:
-                self.health.answered = True
+            if reply.mtype == RST and reply.mid == health.awaited_mid:
+                health.answered = True
 
     def error_received(self, exc: Exception) -> None:
-        pass  # ICMP port unreachable: the ping goes unanswered, which is all that counts
+        pass  # ICMP unreachable, no route: the ping goes unanswered, which is all that counts
 
 
 @dataclass
@@ -230,7 +239,9 @@ class Balancer:
             raise BalancerError(f"{len(self.backends)} backends need more than {self.slots} slots")
         self.metrics = BalancerMetrics(self.backends)
         self._health = [BackendHealth(b, up=False) for b in self.backends]
-        self._assignment: list[Backend] = []
+        self._assignment: list[Backend] = []  # what the kernel's map says
+        # changes nft refused to apply: tried again each round until it takes them
+        self._unapplied: list[BackendHealth] = []
         self._mids = itertools.count(1)
 
     @property
@@ -239,34 +250,34 @@ class Balancer:
 
     async def run(self, shutdown: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        transports = []
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _PingProtocol(self._health), local_addr=("0.0.0.0", 0))
         try:
-            for health in self._health:
-                transport, _ = await loop.create_datagram_endpoint(
-                    functools.partial(_PingProtocol, health),
-                    remote_addr=(health.backend.ip, health.backend.port))
-                transports.append(transport)
-            await self._probe_round(transports, shutdown)  # who is there before the first map
+            await self._probe_round(transport, shutdown)  # who is there before the first map
             for health in self._health:
                 health.up = health.answered
             self._install()
+            rounds = 0
             while not shutdown.is_set():
-                await self._probe_round(transports, shutdown)
+                await self._probe_round(transport, shutdown)
                 self._judge()
+                rounds += 1
+                if rounds % max(1, round(TABLE_CHECK_S / self.interval_s)) == 0:
+                    self._check_table()
         finally:
-            for transport in transports:
-                transport.close()
+            transport.close()
             self._remove()
 
-    async def _probe_round(self, transports: Sequence[asyncio.DatagramTransport],
+    async def _probe_round(self, transport: asyncio.DatagramTransport,
                            shutdown: asyncio.Event) -> None:
         """One ping to each backend, then `interval_s` for the answers (a live gateway
         answers in well under a millisecond; a loaded one in tens)."""
-        for health, transport in zip(self._health, transports, strict=True):
+        for health in self._health:
             mid = next(self._mids) % 0x10000
             health.awaited_mid, health.answered = mid, False
             with contextlib.suppress(OSError):
-                transport.sendto(wire.encode(wire.Message(CON, EMPTY, mid)))
+                transport.sendto(wire.encode(wire.Message(CON, EMPTY, mid)),
+                                 (health.backend.ip, health.backend.port))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(shutdown.wait(), self.interval_s)
 
@@ -288,22 +299,40 @@ class Balancer:
             elif not health.up and health.answers >= self.up_after:
                 health.up = True
                 changed.append(health)
-        if changed:
-            self._reassign(changed)
+        pending = self._unapplied + [h for h in changed if h not in self._unapplied]
+        if pending:
+            self._reassign(pending)
 
     def _install(self) -> None:
-        self._assignment = assign_slots(self.backends, self.up, self.slots)
+        assignment = assign_slots(self.backends, self.up, self.slots)
         nft(render_ruleset(self.vip, self.vip_port, self.backends, self.slots)
-            + render_slot_maps(self._assignment))
+            + render_slot_maps(assignment))
+        self._assignment = assignment  # installed: from now on, removed at the end
         self._publish_state()
         down = [str(h.backend) for h in self._health if not h.up]
         log.info("balancer table %s installed: %s:%d over %s%s", TABLE, self.vip,
                  self.vip_port, ", ".join(map(str, self.backends)),
                  f"; not answering, their slots went to the others: {', '.join(down)}"
-                 if down else "")
+                 if down and self.up else "")
         if not self.up:
             log.error("no backend answers CoAP pings: every slot stays on its own backend; "
                       "check that the gateways run and that this host reaches them")
+
+    def _check_table(self) -> None:
+        """Put the table back if someone removed it (`nft flush ruleset`, a reload of
+        nftables.service without our file): until then the VIP balances nothing."""
+        listed = subprocess.run(["nft", "list", "table", "ip", TABLE], capture_output=True,
+                                timeout=10)
+        if listed.returncode == 0:
+            return
+        log.error("the balancer table %s is gone (nft flush ruleset? a reload of "
+                  "nftables.service?): installing it again", TABLE)
+        try:
+            nft(render_ruleset(self.vip, self.vip_port, self.backends, self.slots)
+                + render_slot_maps(self._assignment))
+        except BalancerError as e:
+            self.metrics.map_errors.inc()
+            log.error("%s; trying again in %g s", e, TABLE_CHECK_S)
 
     def _reassign(self, changed: Sequence[BackendHealth]) -> None:
         before = self._assignment
@@ -311,9 +340,20 @@ class Balancer:
         try:
             nft(render_slot_maps(after))
         except BalancerError as e:
-            self.metrics.map_errors.inc()
-            log.error("%s; devices still go by the old map, retrying at the next change", e)
-            return
+            # The table itself may be gone (`nft flush ruleset`, a reload of nftables.service
+            # without our file): put all of it back.
+            log.error("%s; installing the whole table again", e)
+            try:
+                nft(render_ruleset(self.vip, self.vip_port, self.backends, self.slots)
+                    + render_slot_maps(after))
+            except BalancerError as again:
+                self.metrics.map_errors.inc()
+                if not self._unapplied:
+                    log.error("%s; devices still go by the old map, retrying every ping "
+                              "round", again)
+                self._unapplied = list(changed)
+                return
+        self._unapplied = []
         self._assignment = after
         moved = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
         self.metrics.slots_moved.inc(len(moved))
@@ -369,7 +409,7 @@ class Balancer:
 # -- the command --------------------------------------------------------------------------
 def run_balancer(balancer: Balancer, metrics_bind: str, metrics_port: int | None) -> int:
     """Run `balancer` until SIGTERM or SIGINT, then remove its table; exit 0."""
-    from gateway.logs import setup_logging
+    from gateway.runtime.logs import setup_logging
 
     setup_logging("INFO")
 
