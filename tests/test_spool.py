@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,37 @@ async def test_a_spool_of_a_newer_format_is_refused_not_misread(tmp_path: Path) 
     spool = Spool(path, 1 << 30)
     with pytest.raises(SpoolError, match="written by a newer nbiot-gateway"):
         spool.open()
+
+
+async def test_appends_made_together_share_one_commit_due_from_the_oldest(
+        tmp_path: Path) -> None:
+    commits: list[int] = []
+    async with Spool(tmp_path / "spool.sqlite", 1 << 30, linger_s=5.0) as spool:
+        spool.on_commit = lambda records, _elapsed_s: commits.append(records)
+        outcomes: list[bool] = []
+        with spool.together():
+            # An uplink received a linger ago (it waited in the socket), then a record
+            # with no uplink stamp (a status): the piece is due at once, not in 5 s.
+            spool.append(Record("t/uplink", b"1"), outcomes.append,
+                         waiting_since=time.monotonic() - 5.0)
+            spool.append(Record("t/status", b"2"), outcomes.append)
+            assert commits == []  # held until the scope ends
+
+        await asyncio.wait_for(spool.wait_committed(), timeout=2.0)
+
+    assert (commits, outcomes) == ([2], [True, True])
+
+
+async def test_a_piece_larger_than_max_batch_is_committed_in_max_batch_parts(
+        tmp_path: Path) -> None:
+    commits: list[int] = []
+    async with Spool(tmp_path / "spool.sqlite", 1 << 30, max_batch=10) as spool:
+        spool.on_commit = lambda records, _elapsed_s: commits.append(records)
+        with spool.together():
+            for i in range(25):
+                spool.append(Record("t", b"%d" % i), None)
+        await spool.wait_committed()
+        read = await spool.read_after(0, 100)
+
+    assert sorted(commits) == [5, 10, 10] and sum(commits) == 25
+    assert [r.payload for r in read] == [b"%d" % i for i in range(25)]

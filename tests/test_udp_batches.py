@@ -5,9 +5,18 @@ replies sent from the same socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 
-from gateway.ingest.coap.udp import MAX_BATCH, Address, GatheringUdpTransport, Received, serve_udp
+from gateway.ingest.coap.udp import (
+    MAX_BATCH,
+    Address,
+    GatheringUdpTransport,
+    Received,
+    Together,
+    serve_udp,
+)
 from gateway.ingest.coap.udp import gather_s as gather_for_linger
 
 
@@ -49,14 +58,15 @@ async def until(condition: object, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def burst(gather_s: float, count: int) -> Batches:
+async def burst(gather_s: float, count: int, together: Together | None = None,
+                sink: Batches | None = None) -> Batches:
     """`count` datagrams, all waiting in the socket before it is served, read to the end."""
     server, client = bound_socket(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sent = [f"datagram {i}".encode() for i in range(count)]
     for data in sent:
         client.sendto(data, server.getsockname())
-    sink = Batches()
-    transport = serve_udp(server, sink, gather_s)
+    sink = sink or Batches()
+    transport = serve_udp(server, sink, gather_s, together)
     try:
         await until(lambda: len(sink.datagrams()) == len(sent))
         assert sink.datagrams() == sent
@@ -73,6 +83,26 @@ async def test_a_gathered_burst_is_read_in_one_piece_under_one_stamp() -> None:
 
     # One batch, one commit: every datagram counts from when the first was noticed.
     assert [len(batch) for batch, _ in sink.batches] == [2 * MAX_BATCH + 7]
+
+
+async def test_a_gathered_batch_is_handled_inside_one_together_scope() -> None:
+    scopes: list[int] = []  # datagrams handled so far, at each scope's end
+    handled: list[int] = []
+
+    @contextlib.contextmanager
+    def together() -> Iterator[None]:
+        yield
+        scopes.append(sum(handled))
+
+    class Counting(Batches):
+        def datagrams_received(self, datagrams: list[tuple[bytes, Address]],
+                               received: Received) -> None:
+            handled.append(len(datagrams))
+            super().datagrams_received(datagrams, received)
+
+    await burst(gather_s=0.002, count=MAX_BATCH + 3, together=together, sink=Counting())
+
+    assert scopes == [MAX_BATCH + 3]
 
 
 async def test_a_busy_socket_is_read_a_batch_per_loop_turn_each_stamped_when_read() -> None:

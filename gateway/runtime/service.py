@@ -128,7 +128,8 @@ class Service:
                 sock = bind_udp(s.coap.bind, s.coap.port)
             # A datagram another process or host would answer gets no wait here: the
             # owner's linger could not count it.
-            serve_udp(sock, coap, 0.0 if router else gather_s(s.spool.commit_linger_ms / 1000))
+            serve_udp(sock, coap, 0.0 if router else gather_s(s.spool.commit_linger_ms / 1000),
+                      spool.together)
             listening.append(f"coap udp {s.coap.bind} port {sock.getsockname()[1]}")
         if s.coaps.enabled and self._worker == 0:  # DTLS sessions live in worker 0
             listening.append(await self._start_dtls(every_device))

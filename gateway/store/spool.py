@@ -34,6 +34,18 @@ OnDurable = Callable[[bool], None]
 # The last field is when the record's wait began (time.monotonic(): its uplink's receipt,
 # else its append), for the linger bound.
 _Append = tuple[Record, OnDurable | None, SeqAccept | None, float]
+
+
+class _Together:
+    """Appends made in one `Spool.together()` scope (a batch of datagrams read at once),
+    handed to the writer in one piece, so they share one commit that lingers from the
+    oldest of them."""
+
+    __slots__ = ("appends",)
+
+    def __init__(self, appends: list[_Append]) -> None:
+        self.appends = appends
+
 # A failed batch hands the loop the replay state its devices had before it (what the
 # file still holds) and the accepts it carried, so the pipeline can roll back exactly.
 OnRollback = Callable[[dict[str, SeqState | None], set[tuple[str, int]]], None]
@@ -282,8 +294,10 @@ class Spool:
         self.max_bytes = max_bytes
         self.max_batch = max_batch
         self.linger_s = linger_s
-        self._queue: queue.SimpleQueue[_Append | list[int] | None]
+        self._queue: queue.SimpleQueue[_Append | _Together | list[int] | None]
         self._queue = queue.SimpleQueue()
+        self._together: list[_Append] | None = None  # appends held by together()
+        self._carried: _Together | None = None  # the writer's: a group for the next batch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
@@ -401,8 +415,31 @@ class Spool:
         self._bytes += record_size(record)
         self._uncommitted += 1
         self._drained.clear()
-        self._queue.put((record, on_durable, accepted_seq,
-                         time.monotonic() if waiting_since is None else waiting_since))
+        item = (record, on_durable, accepted_seq,
+                time.monotonic() if waiting_since is None else waiting_since)
+        if self._together is not None:
+            self._together.append(item)
+        else:
+            self._queue.put(item)
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Hold the appends made inside and hand them to the writer in one piece (at most
+        max_batch each) when the scope ends. For datagrams read in one batch after a wait:
+        the writer, woken by the first append, would otherwise commit a few and leave the
+        rest for the next commit, and a record appended with no uplink stamp (a status,
+        a dead letter) would make it linger anew (docs/decisions.md)."""
+        if self._together is not None:  # nested: the outer scope hands them over
+            yield
+            return
+        held: list[_Append] = []
+        self._together = held
+        try:
+            yield
+        finally:
+            self._together = None
+            for start in range(0, len(held), self.max_batch):
+                self._queue.put(_Together(held[start:start + self.max_batch]))
 
     async def wait_committed(self) -> None:
         """Return once everything appended so far is durable (or failed)."""
@@ -521,18 +558,21 @@ class Spool:
         (at most max_batch), and every deletion queued meanwhile. Appends that queued up
         during the previous commit are already due, so a busy gateway never lingers.
         While lingering the thread sleeps rather than wake for each append: one wake-up
-        and one GIL hand-over per batch, not per uplink (docs/decisions.md)."""
+        and one GIL hand-over per batch, not per uplink (docs/decisions.md). A piece
+        from `together()` is never split between two commits."""
         batch: list[_Append] = []
         deletions: list[int] = list(retry)
         deadline = time.monotonic() + RETRY_S if retry else None
-        try:
-            item = self._queue.get(timeout=RETRY_S if retry else None)
-        except queue.Empty:
-            return batch, deletions, False
+        item: _Append | _Together | list[int] | None
+        if self._carried is not None:
+            item, self._carried = self._carried, None
+        else:
+            try:
+                item = self._queue.get(timeout=RETRY_S if retry else None)
+            except queue.Empty:
+                return batch, deletions, False
         # Deletions alone: wait (woken by each item) for an append to ride with.
-        while not isinstance(item, tuple):
-            if item is None:
-                return batch, deletions, True
+        while isinstance(item, list):
             deletions.extend(item)
             if deadline is None:
                 deadline = time.monotonic() + DELETE_LINGER_S
@@ -540,8 +580,13 @@ class Spool:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return batch, deletions, False
-        batch.append(item)
-        due = item[3] + self.linger_s
+        if item is None:
+            return batch, deletions, True
+        if isinstance(item, _Together):
+            batch.extend(item.appends)
+        else:
+            batch.append(item)
+        due = min(waiting_since for _, _, _, waiting_since in batch) + self.linger_s
         # Never longer than the linger, whatever the clock did since the append.
         linger_s = min(self.linger_s, min(due, deadline or due) - time.monotonic())
         if linger_s > 0:
@@ -556,7 +601,12 @@ class Spool:
                 break
             if item is None:
                 return batch, deletions, True
-            if isinstance(item, list):
+            if isinstance(item, _Together):
+                if len(batch) + len(item.appends) > self.max_batch:
+                    self._carried = item  # whole, in the next commit
+                    break
+                batch.extend(item.appends)
+            elif isinstance(item, list):
                 deletions.extend(item)
             else:
                 batch.append(item)

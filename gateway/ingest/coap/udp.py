@@ -13,9 +13,12 @@ read, and a busy socket is read at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 # Datagrams read per loop turn at most, so replies and commits interleave with a storm.
@@ -35,6 +38,8 @@ GATHER_MAX_S = 0.050
 
 Address = tuple[Any, ...]
 Received = tuple[float, float]  # (time.time(), time.monotonic()) when a batch was noticed
+# Around a gathered batch: the spool's `together()`, so its records share one commit.
+Together = Callable[[], AbstractContextManager[None]]
 
 
 class BatchSink(Protocol):
@@ -50,10 +55,11 @@ class BatchSink(Protocol):
 
 class GatheringUdpTransport(asyncio.DatagramTransport):
     """A datagram transport over a bound, non-blocking UDP socket. `gather_s` (0: none) is
-    how long a readable socket may wait before it is read while arrivals are moderate."""
+    how long a readable socket may wait before it is read while arrivals are moderate;
+    `together` is entered around the handling of a batch read after such a wait."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, sink: BatchSink,
-                 gather_s: float) -> None:
+                 gather_s: float, together: Together | None = None) -> None:
         super().__init__({"socket": sock, "sockname": sock.getsockname()})
         self._loop = loop
         self._sock = sock
@@ -68,6 +74,7 @@ class GatheringUdpTransport(asyncio.DatagramTransport):
         self._window_start = loop.time()
         self._window_count = 0
         self._gathering = gather_s > 0
+        self._together = together
 
     def start(self) -> None:
         self._sink.connection_made(self)
@@ -114,7 +121,10 @@ class GatheringUdpTransport(asyncio.DatagramTransport):
             except OSError as e:  # an ICMP error queued on the socket: not a datagram
                 self._sink.error_received(e)
         if datagrams:
-            self._sink.datagrams_received(datagrams, noticed)
+            scope = (self._together() if self._gathering and self._together is not None
+                     else contextlib.nullcontext())
+            with scope:
+                self._sink.datagrams_received(datagrams, noticed)
         self._judge_rate(len(datagrams))
         if self._closing:
             return
@@ -193,9 +203,11 @@ class GatheringUdpTransport(asyncio.DatagramTransport):
             self._sock.close()
 
 
-def serve_udp(sock: socket.socket, sink: BatchSink, gather_s: float) -> GatheringUdpTransport:
+def serve_udp(sock: socket.socket, sink: BatchSink, gather_s: float,
+              together: Together | None = None) -> GatheringUdpTransport:
     """Start reading `sock` (bound, non-blocking) into `sink` on the running loop."""
-    transport = GatheringUdpTransport(asyncio.get_running_loop(), sock, sink, gather_s)
+    transport = GatheringUdpTransport(asyncio.get_running_loop(), sock, sink, gather_s,
+                                      together)
     transport.start()
     return transport
 
