@@ -13,6 +13,7 @@ import pytest
 from gateway.model import Record
 from gateway.pipeline.replay import Seen
 from gateway.store.spool import (
+    DELETE_LINGER_S,
     FORMAT_VERSION,
     MAX_ROWS_PER_STATEMENT,
     PAGE_SIZE_BYTES,
@@ -188,3 +189,28 @@ async def test_a_piece_larger_than_max_batch_is_committed_in_max_batch_parts(
 
     assert sorted(commits) == [5, 10, 10] and sum(commits) == 25
     assert [r.payload for r in read] == [b"%d" % i for i in range(25)]
+
+
+async def test_deletions_ride_with_the_next_append_and_alone_are_committed_after_a_linger(
+        tmp_path: Path) -> None:
+    async with Spool(tmp_path / "spool.sqlite", 1 << 30) as spool:
+        await append_all(spool, [Record("t", b"%d" % i) for i in range(4)])
+        first, second, *_ = await spool.read_after(0, 4)
+        loop = asyncio.get_running_loop()
+
+        spool.delete([first])
+        spool.append(Record("t", b"next"), None)
+        started = loop.time()
+        await asyncio.wait_for(spool.wait_deleted(), timeout=DELETE_LINGER_S)
+        ridden_s = loop.time() - started
+
+        spool.delete([second])  # no append follows
+        started = loop.time()
+        await asyncio.wait_for(spool.wait_deleted(), timeout=3 * DELETE_LINGER_S)
+        alone_s = loop.time() - started
+        assert spool.records == 3
+
+    assert ridden_s < DELETE_LINGER_S / 2
+    assert DELETE_LINGER_S * 0.9 <= alone_s < 2 * DELETE_LINGER_S
+    assert [payload for _, _, payload, _ in stored(tmp_path / "spool.sqlite")] == [
+        b"2", b"3", b"next"]

@@ -46,6 +46,16 @@ class _Together:
     def __init__(self, appends: list[_Append]) -> None:
         self.appends = appends
 
+
+class _DueDeletions:
+    """Deletions the loop held for DELETE_LINGER_S with no append to ride with: the writer
+    commits them at once."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
 # A failed batch hands the loop the replay state its devices had before it (what the
 # file still holds) and the accepts it carried, so the pipeline can roll back exactly.
 OnRollback = Callable[[dict[str, SeqState | None], set[tuple[str, int]]], None]
@@ -294,10 +304,14 @@ class Spool:
         self.max_bytes = max_bytes
         self.max_batch = max_batch
         self.linger_s = linger_s
-        self._queue: queue.SimpleQueue[_Append | _Together | list[int] | None]
+        self._queue: queue.SimpleQueue[_Append | _Together | _DueDeletions | list[int] | None]
         self._queue = queue.SimpleQueue()
         self._together: list[_Append] | None = None  # appends held by together()
         self._carried: _Together | None = None  # the writer's: a group for the next batch
+        # Deletions wait on the loop for an append to ride with (or DELETE_LINGER_S): each
+        # handed over alone woke the writer thread once more per commit.
+        self._deletions_held: list[int] = []
+        self._deletions_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
@@ -380,6 +394,7 @@ class Spool:
         """Commit what was appended, then stop the writer thread."""
         if self._writer is None:
             return
+        self._hand_over_deletions(due=False)
         self._queue.put(None)
         await asyncio.to_thread(self._writer.join)
         self._writer = None
@@ -421,6 +436,7 @@ class Spool:
             self._together.append(item)
         else:
             self._queue.put(item)
+            self._hand_over_deletions(due=False)
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
@@ -440,6 +456,8 @@ class Spool:
             self._together = None
             for start in range(0, len(held), self.max_batch):
                 self._queue.put(_Together(held[start:start + self.max_batch]))
+            if held:
+                self._hand_over_deletions(due=False)
 
     async def wait_committed(self) -> None:
         """Return once everything appended so far is durable (or failed)."""
@@ -511,7 +529,20 @@ class Spool:
                         log.exception("callback of a published spool record failed")
         self._deletes_pending += len(records)
         self._deleted.clear()
-        self._queue.put([r.spool_id for r in records])
+        self._deletions_held.extend(r.spool_id for r in records)
+        if self._deletions_timer is None and self._loop is not None:
+            self._deletions_timer = self._loop.call_later(DELETE_LINGER_S,
+                                                          self._hand_over_deletions)
+
+    def _hand_over_deletions(self, due: bool = True) -> None:
+        """Queue the held deletions: behind an append (`due=False`, they ride with its
+        commit or the next), or alone after DELETE_LINGER_S, to be committed at once."""
+        if self._deletions_timer is not None:
+            self._deletions_timer.cancel()
+            self._deletions_timer = None
+        if self._deletions_held:
+            ids, self._deletions_held = self._deletions_held, []
+            self._queue.put(_DueDeletions(ids) if due else ids)
 
     async def wait_deleted(self) -> None:
         """Return once every deletion so far is committed. A reader starting over (a new
@@ -563,7 +594,7 @@ class Spool:
         batch: list[_Append] = []
         deletions: list[int] = list(retry)
         deadline = time.monotonic() + RETRY_S if retry else None
-        item: _Append | _Together | list[int] | None
+        item: _Append | _Together | _DueDeletions | list[int] | None
         if self._carried is not None:
             item, self._carried = self._carried, None
         else:
@@ -582,6 +613,9 @@ class Spool:
                 return batch, deletions, False
         if item is None:
             return batch, deletions, True
+        if isinstance(item, _DueDeletions):  # they waited on the loop already
+            deletions.extend(item.ids)
+            return batch, deletions, False
         if isinstance(item, _Together):
             batch.extend(item.appends)
         else:
@@ -606,6 +640,8 @@ class Spool:
                     self._carried = item  # whole, in the next commit
                     break
                 batch.extend(item.appends)
+            elif isinstance(item, _DueDeletions):
+                deletions.extend(item.ids)
             elif isinstance(item, list):
                 deletions.extend(item)
             else:
