@@ -9,6 +9,8 @@ import contextlib
 import socket
 from collections.abc import Iterator
 
+import pytest
+
 from gateway.ingest.coap.udp import (
     MAX_BATCH,
     Address,
@@ -16,6 +18,7 @@ from gateway.ingest.coap.udp import (
     Received,
     Together,
     serve_udp,
+    wait_s,
 )
 from gateway.ingest.coap.udp import gather_s as gather_for_linger
 
@@ -135,3 +138,9 @@ def test_the_wait_before_reading_is_the_commit_linger_and_never_long() -> None:
     assert gather_for_linger(0.0) == 0.0  # no linger: read at once, as before
     assert gather_for_linger(0.030) == 0.030
     assert gather_for_linger(1.0) <= 0.050
+
+
+def test_the_wait_gathers_about_40_datagrams_at_the_current_rate() -> None:
+    assert wait_s(0.030, 0.0) == 0.030  # nothing measured yet: the whole linger
+    assert wait_s(0.030, 667.0) == 0.030  # 40 datagrams take longer than the linger
+    assert wait_s(0.030, 4000.0) == pytest.approx(0.010)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import socket
 import time
 from collections import deque
@@ -36,12 +35,13 @@ RATE_WINDOW_S = 0.1  # the arrival rate is judged over at least this long
 RECV_BYTES = 65_535
 # A readable socket waits as long as the spool's commit linger, at most this long.
 GATHER_MAX_S = 0.050
-# ...and no longer than it takes this many datagrams to arrive at the current rate: 20
-# share one wake-up's fixed cost (~40 µs) well, and a longer wait at a higher rate only
-# adds the handling of a bigger batch to its first uplink's ack (at 2,000/s a 30 ms wait
-# gathered ~70, handled in 3-8 ms after it: gateway ack p99 47 ms; docs/decisions.md).
-# The spool still lingers from each uplink's receipt, so commits stay as large.
-GATHER_DATAGRAMS = 20
+# ...and no longer than it takes this many datagrams to arrive at the current rate: 40
+# share one wake-up's fixed cost well, and are handled in ~2 ms. A wait much longer than
+# that at a higher rate only adds the handling of a bigger batch to its first uplink's
+# ack (at 2,000/s a 30 ms wait gathered ~70, handled in 3-8 ms after it: gateway ack p99
+# 47 ms). Up to ~1,300/s the wait is the linger; above, the spool still lingers from
+# each uplink's receipt, so commits stay as large (docs/decisions.md).
+GATHER_DATAGRAMS = 40
 
 Address = tuple[Any, ...]
 Received = tuple[float, float]  # (time.time(), time.monotonic()) when a batch was noticed
@@ -154,7 +154,7 @@ class GatheringUdpTransport(asyncio.DatagramTransport):
         if elapsed_s >= RATE_WINDOW_S:
             per_s = self._window_count / elapsed_s
             self._gathering = per_s < GATHER_BELOW_PER_S
-            self._wait_s = min(self._gather_s, GATHER_DATAGRAMS / per_s if per_s else math.inf)
+            self._wait_s = wait_s(self._gather_s, per_s)
             self._window_start += elapsed_s
             self._window_count = 0
 
@@ -221,6 +221,12 @@ def serve_udp(sock: socket.socket, sink: BatchSink, gather_s: float,
                                       together)
     transport.start()
     return transport
+
+
+def wait_s(gather_s: float, per_s: float) -> float:
+    """The wait before reading at `per_s` datagrams a second: GATHER_DATAGRAMS' worth, at
+    most `gather_s`."""
+    return min(gather_s, GATHER_DATAGRAMS / per_s) if per_s > 0 else gather_s
 
 
 def gather_s(commit_linger_s: float) -> float:
