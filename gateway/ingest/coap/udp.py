@@ -35,13 +35,13 @@ RATE_WINDOW_S = 0.1  # the arrival rate is judged over at least this long
 RECV_BYTES = 65_535
 # A readable socket waits as long as the spool's commit linger, at most this long.
 GATHER_MAX_S = 0.050
-# ...and no longer than it takes this many datagrams to arrive at the current rate: 40
-# share one wake-up's fixed cost well, and are handled in ~2 ms. A wait much longer than
-# that at a higher rate only adds the handling of a bigger batch to its first uplink's
-# ack (at 2,000/s a 30 ms wait gathered ~70, handled in 3-8 ms after it: gateway ack p99
-# 47 ms). Up to ~1,300/s the wait is the linger; above, the spool still lingers from
-# each uplink's receipt, so commits stay as large (docs/decisions.md).
-GATHER_DATAGRAMS = 40
+# ...and no longer than it takes this many datagrams to arrive at the current rate: 20
+# share one wake-up's fixed cost well, and are handled in ~1 ms. A longer wait at a
+# higher rate adds the handling of a bigger batch to its first uplink's ack (at 2,000/s
+# a 30 ms wait gathered ~70, handled in 3-8 ms after it: gateway ack p99 47 ms), and
+# fewer, longer waits line up worse with the spool's linger, which still counts from each
+# uplink's receipt: with 40 a commit at 4,000/s held 98 records, not 115 (docs/decisions.md).
+GATHER_DATAGRAMS = 20
 
 Address = tuple[Any, ...]
 Received = tuple[float, float]  # (time.time(), time.monotonic()) when a batch was noticed
