@@ -1,13 +1,14 @@
 """The plain-CoAP socket's transport: reads datagrams in batches, and at moderate rates lets
-them gather for the spool's commit linger first, so one wake-up of the event loop serves
-the uplinks that will share a commit anyway.
+them gather first (up to the spool's commit linger, ~20 datagrams' worth), so one wake-up
+of the event loop serves the uplinks that will share a commit anyway.
 
 At 667 uplinks/s every datagram used to get a loop wake-up of its own (epoll, two receive
 calls, cold caches each time), which made an uplink cost 1.7-2x what it costs a busy
 gateway (docs/decisions.md, "Receiving in batches"). The wait never makes a reply later
 than the linger already did: every datagram of a batch is stamped with the time the batch
-was noticed, and the spool's linger counts from that stamp. It never drops a datagram it
-read, and a busy socket is read at once.
+was noticed, the spool's linger counts from that stamp, and a gathered batch reaches the
+spool's writer in one piece (`Spool.together`). It never drops a datagram it read, and a
+busy socket is read at once.
 """
 
 from __future__ import annotations
