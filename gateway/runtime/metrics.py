@@ -254,6 +254,30 @@ class Metrics:
             f"{NS}_dtls_sessions",
             "coaps (DTLS) sessions held, handshakes that failed included (coaps.max_sessions).",
             registry=r)
+        self.lwm2m_registrations = Gauge(
+            f"{NS}_lwm2m_registrations",
+            "LwM2M devices registered now (kept across restarts; a registration ends with "
+            "De-register or when its lifetime runs out).", registry=r)
+        self.lwm2m_registration_ops = Counter(
+            f"{NS}_lwm2m_registration_requests",
+            "LwM2M Register, Update and De-register requests, by op and result: ok, or the "
+            "reason slug of the 4.xx/5.03 (also in nbiot_gateway_uplinks_rejected_total).",
+            ["op", "result"], registry=r)
+        self.lwm2m_lifetime_expired = Counter(
+            f"{NS}_lwm2m_registrations_expired",
+            "LwM2M registrations removed because the device did not Update within its "
+            "lifetime (the device goes offline, saying so).", registry=r)
+        self.lwm2m_requests = Counter(
+            f"{NS}_lwm2m_device_requests",
+            "Requests the gateway sent to LwM2M devices (commands and observations), by op "
+            "and outcome: answered (any code: the result carries it) or unanswered (no "
+            "answer after RFC 7252 retransmission; a command is tried again when the "
+            "device next speaks).", ["op", "outcome"], registry=r)
+        self.lwm2m_unmapped_resources = Counter(
+            f"{NS}_lwm2m_unmapped_resources",
+            "LwM2M resource values no field of the device's type maps ([types.X.lwm2m] "
+            "fields): kept in the uplink's message under \"resources\", not validated.",
+            registry=r)
 
 
     def exposition(self) -> bytes:

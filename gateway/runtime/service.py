@@ -34,7 +34,9 @@ from gateway.store.spool import Spool
 if TYPE_CHECKING:
     from gateway.cluster.peers import PeerChannel
     from gateway.ingest.coap.dtls import DtlsServer
+    from gateway.ingest.lwm2m.server import Lwm2mServer
     from gateway.runtime.siblings import Siblings
+    from gateway.store.registrations import Registrations
 
 log = logging.getLogger(__name__)
 COMMIT_WAIT_S = 5.0
@@ -69,6 +71,8 @@ class Service:
         self._uplink_rate = UplinkRate()
         self._liveness: Liveness | None = None
         self._downlink: Downlink | None = None
+        self._lwm2m: Lwm2mServer | None = None
+        self._registrations: Registrations | None = None
         self._background: list[asyncio.Task[None]] = []
 
     async def run(self) -> int:
@@ -126,6 +130,8 @@ class Service:
                 sock = bind_udp(s.coap.bind, s.coap.port)
             await loop.create_datagram_endpoint(lambda: coap, sock=sock)
             listening.append(f"coap udp {s.coap.bind} port {sock.getsockname()[1]}")
+            if s.lwm2m.enabled:  # on the CoAP socket (config: one worker, no cluster)
+                listening.append(await self._start_lwm2m(coap, registry, files.spool.parent))
         if s.coaps.enabled and self._worker == 0:  # DTLS sessions live in worker 0
             listening.append(await self._start_dtls(every_device))
         if self._siblings is not None:
@@ -177,6 +183,22 @@ class Service:
             return  # the supervisor speaks to systemd
         self._notifier.send("READY=1\n" + self._status_line())
         self._notifier.start()
+
+    async def _start_lwm2m(self, coap: CoapServer, registry: Registry, state_dir: Path) -> str:
+        from gateway.ingest.lwm2m import commands
+        from gateway.ingest.lwm2m.server import Lwm2mServer
+        from gateway.store.registrations import Registrations, RegistrationStore
+
+        assert self._pipeline is not None and self._downlink is not None
+        assert self._liveness is not None
+        self._registrations = Registrations(RegistrationStore(state_dir / "lwm2m.sqlite"))
+        await self._registrations.load()
+        self._lwm2m = Lwm2mServer(self.settings, registry, self._pipeline, self._registrations,
+                                  self._downlink, self._liveness, self.metrics)
+        self._lwm2m.attach(coap)
+        self._downlink.check = commands.check
+        return (f"lwm2m on the coap port ({len(self._registrations)} registrations, NoSec "
+                f"{'allowed' if self.settings.lwm2m.allow_nosec else 'refused'})")
 
     def _cluster_channel(self) -> PeerChannel:
         """The peer channel and this host's view of its peers; liveness and the ownership
@@ -252,6 +274,8 @@ class Service:
                 now = time.time()
                 self._liveness.sweep(now)
                 self._downlink.sweep(now)
+                if self._lwm2m is not None:
+                    self._lwm2m.sweep(now)
                 if loop.time() >= next_save:
                     next_save = loop.time() + save_interval_s
                     await self._liveness.save()
@@ -310,6 +334,8 @@ class Service:
             return
         if self._siblings is None or self._siblings.owns(device_id):
             await self._downlink.receive(device_type, device_id, payload)
+            if self._lwm2m is not None:
+                self._lwm2m.command_arrived(device_id)
         elif len(payload) > MAX_COMMAND_BYTES:  # the owner would refuse it: no need to send
             self._downlink.reject(device_type, device_id, payload, TOO_LARGE)
         else:
@@ -384,6 +410,8 @@ class Service:
                     self._count_owned(self._peers)
             if self._downlink is not None:
                 self._downlink.replace_registry(registry)
+            if self._lwm2m is not None:
+                self._lwm2m.replace_registry(registry, settings)
             if self._dtls is not None:
                 self._dtls.replace_keys(every_device)
                 self._warn_no_psk()
@@ -446,6 +474,8 @@ class Service:
             await self._liveness.save()
         if self._downlink is not None:
             await self._downlink.close()
+        if self._registrations is not None:
+            await self._registrations.close()
         self._publisher_stop.set()
         if self._publisher_task is not None:
             try:
