@@ -177,11 +177,15 @@ class _Collector:
     def add(self, path: LwM2mPath, value: Value, time: float | None = None) -> None:
         if len(self.readings) >= MAX_READINGS:
             raise ContentError(f"more than {MAX_READINGS} values in one payload")
+        self.add_node(path)
+        self.readings.append(Reading(path, value, time))
+
+    def add_node(self, path: LwM2mPath) -> None:
+        """An instance or multiple resource: two of them with one id are refused too."""
         if self._seen is not None:
             if path in self._seen:
                 raise ContentError(f"{render_path(path)} appears twice")
             self._seen.add(path)
-        self.readings.append(Reading(path, value, time))
 
 
 # TLV (TS Core 1.1 §7.4.3): the top two bits of the type byte say what the identifier names.
@@ -197,13 +201,14 @@ _TLV_CHILDREN = {_TLV_OBJECT_INSTANCE: {_TLV_RESOURCE, _TLV_MULTIPLE_RESOURCE},
 class _Tlv:
     kind: int
     ident: int
-    start: int  # of the value, in the payload
+    at: int  # the type byte's offset in the payload
+    start: int  # the value's
     end: int
 
 
 def _tlv_entries(payload: bytes, start: int, end: int) -> list[_Tlv]:
     entries = []
-    where = "the payload" if end == len(payload) else "its enclosing TLV"
+    where = "the payload" if start == 0 else "its enclosing TLV"
     pos = start
     while pos < end:
         at = pos
@@ -222,7 +227,7 @@ def _tlv_entries(payload: bytes, start: int, end: int) -> list[_Tlv]:
             length = type_byte & 0x07
         if pos + length > end:
             raise ContentError(f"TLV length runs past {where} at byte {at}")
-        entries.append(_Tlv(type_byte >> 6, ident, pos, pos + length))
+        entries.append(_Tlv(type_byte >> 6, ident, at, pos, pos + length))
         pos += length
     return entries
 
@@ -235,10 +240,13 @@ def _decode_tlv(payload: bytes, base: LwM2mPath, now: float) -> list[Reading]:
         depth = _TLV_DEPTH[tlv.kind]
         if depth == len(base) + 1:
             path = (*base, tlv.ident)
-        elif depth == len(base) and tlv.ident == base[-1]:
-            path = base  # the payload repeats the requested node (TS Core §7.4.3, example A)
-        elif depth == len(base):
-            raise ContentError(f"TLV {_TLV_NAME[tlv.kind]} {tlv.ident} answers a request on "
+        elif depth <= len(base) and tlv.ident == base[depth - 1]:
+            # The payload repeats the requested node or one above it (TS Core §7.4.3 example
+            # A; Leshan accepts an instance TLV around a single resource): anything in it
+            # outside the request is refused by decode().
+            path = base[:depth]
+        elif depth <= len(base):
+            raise ContentError(f"TLV {_TLV_NAME[tlv.kind]} {tlv.ident} in the answer to a request on "
                                f"{render_path(base)}")
         else:
             raise ContentError(f"a TLV {_TLV_NAME[tlv.kind]} cannot answer a request on {render_path(base)}")
@@ -251,10 +259,11 @@ def _tlv_node(payload: bytes, tlv: _Tlv, path: LwM2mPath, found: _Collector) -> 
     if children is None:
         found.add(path, Raw(payload[tlv.start:tlv.end]))
         return
+    found.add_node(path)
     for child in _tlv_entries(payload, tlv.start, tlv.end):
         if child.kind not in children:
             raise ContentError(f"a TLV {_TLV_NAME[child.kind]} inside {_TLV_NAME[tlv.kind]} "
-                               f"{render_path(path)} at byte {child.start}")
+                               f"{render_path(path)} at byte {child.at}")
         _tlv_node(payload, child, (*path, child.ident), found)
 
 
@@ -341,6 +350,8 @@ def _senml_number(value: Any, label: str) -> int | float:
         raise ContentError(f"SenML: {label} must be a number")
     if isinstance(value, int):
         return _in_int_range(value, "SenML")
+    if not math.isfinite(value):
+        raise ContentError(f"SenML: {label} is not finite")
     return value
 
 
@@ -447,7 +458,7 @@ _DECODERS: dict[int, Callable[[bytes, LwM2mPath, float], list[Reading]]] = {
 
 # -- typing a value ------------------------------------------------------------------------
 _TEXT_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
-_TEXT_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
+_TEXT_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
 _TLV_INT_FORMATS = {1: ">b", 2: ">h", 4: ">i", 8: ">q"}
 _TLV_FLOAT_FORMATS = {4: ">f", 8: ">d"}
 
