@@ -3,10 +3,14 @@ Send (`/dp`) and Observe notifications in, commands out, on the CoAP server's so
 
 Readings become plain Uplinks (transport "lwm2m") for the same pipeline as `/up`: the
 type's `[types.X.lwm2m] fields` say which resource holds which field; resources no field
-maps ride along in the message under "resources". A reading's `seq` is its time in ms
-(SenML `bt`+`t`; the receive time when the payload has none), so a retransmission that
-comes through a new NAT port is still a duplicate. Registration rejections go through
-the pipeline's `reject` (counted, dead-lettered) like any refused uplink.
+maps ride along in the message under "resources". A reading that carries its time
+(SenML `bt`+`t`) has that time in ms as its `seq`, so the replay window catches a
+retransmission that comes through a new NAT port, and readings must come in time order
+(64 ms of slack; an older one is refused as stale_seq). A reading without a time (text,
+TLV, a SenML record without `t`) has no `seq`: CoAP's own deduplication (same endpoint
+and message ID) is all it gets, so a retransmission of it through a new NAT port would
+be forwarded twice. Registration rejections go through the pipeline's `reject`
+(counted, dead-lettered) like any refused uplink.
 
 Commands wait in the downlink store (durable) and go out as CON requests, one at a time
 per device (RFC 7252 NSTART = 1), when the device is reachable: at once in binding U,
@@ -238,9 +242,8 @@ class Lwm2mServer:
                     raise UplinkRejected(C.BAD_REQUEST, "bad_payload",
                                          f"{render_path(reading.path)}: {e.detail}") from None
             self._metrics.lwm2m_unmapped_resources.inc(len(resources))
-            fields["seq"] = round((uplink.received_at if at is None else at) * 1000)
-            if at is not None:
-                fields["ts"] = at
+            if at is not None:  # no time, no seq: see the module's docstring
+                fields["seq"], fields["ts"] = round(at * 1000), at
             uplinks.append(dataclasses.replace(uplink, fields=fields, resources=resources or None))
         joint = _Joint(len(uplinks), reply)
         for one in uplinks:
