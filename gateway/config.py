@@ -289,7 +289,7 @@ LWM2M_PATH = re.compile(r"^/\d{1,5}/\d{1,5}/\d{1,5}(/\d{1,5})?$")  # a resource 
 class Lwm2mType(Section):
     """How the type's LwM2M devices carry its fields: `fields` maps a field to the resource
     that holds it (`temperature = "/3303/0/5700"`); `observe` lists what the gateway
-    observes after each registration (for 1.0 devices, which cannot Send)."""
+    observes after each Register of an LwM2M 1.0 device (1.0 has no Send)."""
 
     fields: dict[str, str] = Field(default_factory=dict)
     observe: tuple[str, ...] = ()

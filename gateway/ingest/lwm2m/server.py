@@ -132,7 +132,8 @@ class Lwm2mServer:
             self._forget_observations(old)
         registration = Registration(endpoint, lifetime, binding, version, payload.decode(),
                                     str(addr[0]), int(addr[1]), "coap", now, now)
-        self._to_observe[endpoint] = list(self._observe_paths(device))
+        # A 1.0 device cannot Send: what it reports comes by Observe. A 1.1 device Sends.
+        self._to_observe[endpoint] = list(self._observe_paths(device)) if version == "1.0" else []
 
         def stored(ok: bool) -> None:
             if not ok:
