@@ -166,7 +166,7 @@ class Pipeline:
     def _authenticate(self, uplink: Uplink, device: Device) -> bool:
         """Over coaps the DTLS identity is the device; over plain CoAP its `k=` token is.
         True if the device proved who it is, False if coap.require_token let it pass."""
-        if uplink.transport == "lwm2m":
+        if uplink.transport.startswith("lwm2m"):
             # The registration interface found the device by its registration (and, over
             # coaps, its DTLS identity); lwm2m.allow_nosec decided whether plain UDP may.
             if uplink.peer_identity != device.device_id:
@@ -378,7 +378,7 @@ class Pipeline:
     def _accepted(self, device: Device, uplink: Uplink) -> Verdict:
         """2.04, carrying the device's next downlink command if one waits (not over
         LwM2M: its commands are requests of their own, ingest/lwm2m)."""
-        if uplink.transport == "lwm2m":
+        if uplink.transport.startswith("lwm2m"):
             return ACCEPTED
         command = self._downlink.next_for(device.device_id, device.device_type,
                                           uplink.received_at)

@@ -134,6 +134,8 @@ class Service:
                 listening.append(await self._start_lwm2m(coap, registry, files.spool.parent))
         if s.coaps.enabled and self._worker == 0:  # DTLS sessions live in worker 0
             listening.append(await self._start_dtls(every_device))
+            if self._lwm2m is not None and self._dtls is not None:
+                self._lwm2m.attach_dtls(self._dtls)
         if self._siblings is not None:
             self._siblings.start(self._coap.datagram_received if self._coap else _drop,
                                  self._downlink.receive, self._pipeline)
@@ -465,6 +467,8 @@ class Service:
             self._siblings.close()
         if self._control_task is not None:
             self._control_task.cancel()
+        if self._lwm2m is not None:
+            await self._lwm2m.close()
         if self._dtls is not None:
             await self._dtls.close()
         for task in self._background:

@@ -55,11 +55,11 @@ LWM2M_ROOTS = frozenset({"rd", "dp"})  # the LwM2M registration and Send interfa
 class Lwm2mSink(Protocol):
     """The LwM2M server (gateway/ingest/lwm2m) as the CoAP server sees it."""
 
-    def request(self, msg: wire.Message, addr: Address, path: list[str], query: list[str],
+    def request(self, code: int, addr: Address, path: list[str], query: list[str],
                 content_format: int | None, payload: bytes, uplink: Uplink,
-                reply: Callable[[Verdict], None]) -> None:
+                reply: Callable[[Verdict], None], dtls_remote: object | None = None) -> None:
         """A request on /rd or /dp; `reply` is called once. `uplink` (no device yet) is
-        for rejections."""
+        for rejections; `dtls_remote`: it came over coaps, on this aiocoap session."""
 
     def response(self, msg: wire.Message, addr: Address) -> bool:
         """An ACK, RST or response from a device: True if it answers one of our requests
@@ -253,8 +253,8 @@ class CoapServer(asyncio.DatagramProtocol):
             return
         if lwm2m:
             assert self.lwm2m is not None
-            self.lwm2m.request(msg, addr, path, query, content_format, uplink.payload, uplink,
-                               reply)
+            self.lwm2m.request(msg.code, addr, path, query, content_format, uplink.payload,
+                               uplink, reply)
             return
         self._sink.submit(uplink, reply)
 

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from gateway.config import Settings
 from gateway.errors import UplinkRejected
@@ -35,8 +36,9 @@ from gateway.ingest.coap import wire
 from gateway.ingest.coap.server import Address, CoapServer, UplinkSink, format_address
 from gateway.ingest.lwm2m import commands, content
 from gateway.ingest.lwm2m.links import LinkError, parse_object_links
+from gateway.ingest.lwm2m.over_dtls import DtlsRequester
 from gateway.ingest.lwm2m.paths import LwM2mPath, parse_path, render_path
-from gateway.ingest.lwm2m.requests import Requester
+from gateway.ingest.lwm2m.requests import Notify, Requester
 from gateway.model import Uplink, Verdict
 from gateway.pipeline.registry import Device, Registry
 from gateway.runtime.metrics import Metrics
@@ -44,8 +46,12 @@ from gateway.store.downlink import Downlink
 from gateway.store.liveness import Liveness
 from gateway.store.registrations import Registration, Registrations
 
+if TYPE_CHECKING:
+    from gateway.ingest.coap.dtls import DtlsServer
+
 log = logging.getLogger(__name__)
 
+TRANSPORT, TRANSPORT_DTLS = "lwm2m", "lwm2m+coaps"  # Uplink.transport, in the message
 VERSIONS = ("1.0", "1.1", "1.2")
 SEND_FORMATS = (content.SENML_JSON, content.SENML_CBOR, content.LWM2M_CBOR)
 BINDING_CHARS = frozenset("UQSNT")
@@ -64,6 +70,8 @@ class Lwm2mServer:
         self._liveness = liveness
         self._metrics = metrics
         self._requester: Requester | None = None
+        self._dtls: DtlsRequester | None = None
+        self._remotes: dict[str, object] = {}  # device -> its DTLS session's address
         self._maps = _field_maps(settings)
         self._busy: set[str] = set()  # devices with a request of ours in flight
         self._awake_until: dict[str, float] = {}  # monotonic
@@ -79,24 +87,39 @@ class Lwm2mServer:
                 self._requester.observe(bytes.fromhex(token),
                                         self._notifier(registration.device_id, path))
 
+    def attach_dtls(self, dtls: DtlsServer) -> None:
+        """Also serve LwM2M over coaps: a device's PSK identity is its endpoint name."""
+        assert dtls.context is not None
+        dtls.allow_requests_to_sessions()
+        self._dtls = DtlsRequester(dtls.context)
+        dtls.lwm2m = self
+
+    async def close(self) -> None:
+        if self._dtls is not None:
+            await self._dtls.close()
+
     def replace_registry(self, registry: Registry, settings: Settings) -> None:
         self._registry, self._settings = registry, settings
         self._maps = _field_maps(settings)
 
     # -- requests from devices (the CoAP server's Lwm2mSink) -------------------------------
-    def request(self, msg: wire.Message, addr: Address, path: list[str], query: list[str],
-                content_format: int | None, payload: bytes, uplink: Uplink,
-                reply: Reply) -> None:
+    def request(self, code: int, addr: Address, path: list[str], query: list[str],
+                content_format: int | None, payload: bytes, uplink: Uplink, reply: Reply,
+                dtls_remote: object | None = None) -> None:
         # The device it is about, as far as the request says, for the dead letters.
         named = (_params(query).get("ep", "") if path == ["rd"]
                  else path[1] if len(path) == 2 and path[0] == "rd" else "")
-        uplink = dataclasses.replace(uplink, transport="lwm2m", device_id=named)
+        secure = dtls_remote is not None
+        uplink = dataclasses.replace(uplink, transport=TRANSPORT_DTLS if secure else TRANSPORT,
+                                     device_id=named)
         try:
-            if path == ["rd"] and msg.code == C.POST:
+            if secure and uplink.peer_identity is not None:
+                self._remotes[uplink.peer_identity] = dtls_remote
+            if path == ["rd"] and code == C.POST:
                 self._register(query, payload, addr, uplink, reply)
-            elif len(path) == 2 and path[0] == "rd" and msg.code in (C.POST, C.DELETE):
-                self._update(path[1], msg.code == C.DELETE, query, payload, addr, uplink, reply)
-            elif path == ["dp"] and msg.code == C.POST:
+            elif len(path) == 2 and path[0] == "rd" and code in (C.POST, C.DELETE):
+                self._update(path[1], code == C.DELETE, query, payload, addr, uplink, reply)
+            elif path == ["dp"] and code == C.POST:
                 self._send(content_format, payload, addr, uplink, reply)
             elif (path[0] == "rd" and len(path) <= 2) or path == ["dp"]:
                 raise UplinkRejected(C.METHOD_NOT_ALLOWED, "method_not_allowed",
@@ -114,7 +137,7 @@ class Lwm2mServer:
         if not endpoint:
             raise self._refused("register", C.BAD_REQUEST, "bad_registration",
                                 "Register needs ?ep={device_id}")
-        device = self._allowed(endpoint, "register")
+        device = self._allowed(endpoint, "register", uplink)
         version = params.get("lwm2m") or "1.0"
         if version not in VERSIONS:
             raise self._refused("register", C.PRECONDITION_FAILED, "unsupported_version",
@@ -131,7 +154,7 @@ class Lwm2mServer:
         if old is not None:
             self._forget_observations(old)
         registration = Registration(endpoint, lifetime, binding, version, payload.decode(),
-                                    str(addr[0]), int(addr[1]), "coap", now, now)
+                                    str(addr[0]), int(addr[1]), _over(uplink), now, now)
         # A 1.0 device cannot Send: what it reports comes by Observe. A 1.1 device Sends.
         self._to_observe[endpoint] = list(self._observe_paths(device)) if version == "1.0" else []
 
@@ -155,7 +178,7 @@ class Lwm2mServer:
         if old is None:
             raise self._refused(op, C.NOT_FOUND, "not_registered",
                                 f"no registration /rd/{location[:40]}: Register again")
-        device = self._allowed(location, op)
+        device = self._allowed(location, op, uplink)
         if deregister:
             self._forget_observations(old)
 
@@ -179,7 +202,8 @@ class Lwm2mServer:
         now = time.time()
         registration = dataclasses.replace(
             old, lifetime_s=lifetime, binding=binding, host=str(addr[0]), port=int(addr[1]),
-            objects=payload.decode() if payload else old.objects, updated_at=now)
+            objects=payload.decode() if payload else old.objects, updated_at=now,
+            transport=_over(uplink))
 
         def stored(ok: bool) -> None:
             if not ok:
@@ -194,7 +218,11 @@ class Lwm2mServer:
 
     def _send(self, content_format: int | None, payload: bytes, addr: Address, uplink: Uplink,
               reply: Reply) -> None:
-        registration = self._registrations.at((str(addr[0]), int(addr[1])))
+        if uplink.transport == TRANSPORT_DTLS:  # the DTLS identity names the device
+            registration = (self._registrations.get(uplink.peer_identity)
+                            if uplink.peer_identity else None)
+        else:  # a Send names no device: its address does
+            registration = self._registrations.at((str(addr[0]), int(addr[1])))
         if registration is None:
             raise UplinkRejected(C.FORBIDDEN, "not_registered",
                                  "no registration from this address: Register or Update first")
@@ -261,7 +289,8 @@ class Lwm2mServer:
                 if registration is not None:
                     self._drop_observation(registration, msg.token)
                 return
-            if (str(addr[0]), int(addr[1])) != registration.endpoint:  # its NAT moved it
+            if (registration.transport == "coap"
+                    and (str(addr[0]), int(addr[1])) != registration.endpoint):  # NAT moved it
                 self._registrations.put(dataclasses.replace(
                     registration, host=str(addr[0]), port=int(addr[1])))
             self._notified(device_id, path, msg, addr, ack)
@@ -273,7 +302,10 @@ class Lwm2mServer:
         cf_option = msg.option(C.CONTENT_FORMAT)
         cf = wire.uint_of(cf_option) if cf_option is not None else content.TEXT
         now = time.time()
-        uplink = Uplink(device_id, None, cf, msg.payload, "lwm2m", format_address(addr), now,
+        registration = self._registrations.get(device_id)
+        transport = (TRANSPORT_DTLS if registration is not None and registration.transport == "coaps"
+                     else TRANSPORT)
+        uplink = Uplink(device_id, None, cf, msg.payload, transport, format_address(addr), now,
                         time.monotonic(), peer_identity=device_id)
 
         def answered(verdict: Verdict) -> None:
@@ -349,11 +381,10 @@ class Lwm2mServer:
                                    lambda: self._flush(device_id),
                                    commands.result(request, response, now))
 
-        self._busy.add(device_id)
         on_notify = (self._notifier(device_id, render_path(request.path))
                      if request.op == "observe" else None)
-        self._requester.request(registration.endpoint, request.code, request.options,
-                                request.payload, done, on_notify=on_notify)
+        self._send_request(registration, request.code, request.options, request.payload, done,
+                           on_notify)
 
     def _observe(self, registration: Registration, path_text: str) -> None:
         assert self._requester is not None
@@ -372,13 +403,30 @@ class Lwm2mServer:
                          C.code_str(response.code))
             self._flush(device_id)
 
-        self._busy.add(device_id)
-        self._requester.request(registration.endpoint, C.GET, options, b"", done,
-                                on_notify=self._notifier(device_id, path_text))
+        self._send_request(registration, C.GET, options, b"", done,
+                           self._notifier(device_id, path_text))
+
+    def _send_request(self, registration: Registration, code: int,
+                      options: list[tuple[int, bytes]], payload: bytes,
+                      done: Callable[[wire.Message | None], None],
+                      on_notify: Notify | None) -> None:
+        """Over the transport the device registered with; one at a time per device."""
+        assert self._requester is not None
+        self._busy.add(registration.device_id)
+        if registration.transport == "coap":
+            self._requester.request(registration.endpoint, code, options, payload, done,
+                                    on_notify=on_notify)
+            return
+        remote = self._remotes.get(registration.device_id)
+        if self._dtls is None or remote is None:  # no session since a restart: it speaks first
+            done(None)
+            return
+        self._dtls.request(remote, code, options, payload, done, on_notify=on_notify)
 
     def _keep_observation(self, device_id: str, token: bytes, path: str) -> None:
         registration = self._registrations.get(device_id)
-        if registration is not None:
+        # Over coaps aiocoap holds the observation, and it ends with the DTLS session.
+        if registration is not None and registration.transport == "coap":
             observations = {t: p for t, p in registration.observations.items() if p != path}
             observations[token.hex()] = path
             self._registrations.put(dataclasses.replace(registration, observations=observations))
@@ -400,8 +448,8 @@ class Lwm2mServer:
             t: p for t, p in registration.observations.items() if p != path}))
 
     def _forget_observations(self, registration: Registration) -> None:
-        if self._requester is not None:
-            for token in registration.observations:
+        for token in registration.observations:
+            if self._requester is not None:
                 self._requester.forget(bytes.fromhex(token))
 
     # -- housekeeping --------------------------------------------------------------------
@@ -421,11 +469,15 @@ class Lwm2mServer:
                             "without an Update")
 
     # -- checks ----------------------------------------------------------------------------
-    def _allowed(self, device_id: str, op: str) -> Device:
+    def _allowed(self, device_id: str, op: str, uplink: Uplink) -> Device:
         device = self._registry.get(device_id)
         if device is None:
             raise self._refused(op, C.FORBIDDEN, "unknown_device", "unknown endpoint")
-        if not self._settings.lwm2m.allow_nosec:
+        if uplink.transport == TRANSPORT_DTLS:  # the PSK identity is the endpoint name
+            if uplink.peer_identity != device_id:
+                raise self._refused(op, C.FORBIDDEN, "identity_mismatch",
+                                    "DTLS identity is another endpoint")
+        elif not self._settings.lwm2m.allow_nosec:
             raise self._refused(op, C.FORBIDDEN, "nosec_not_allowed",
                                 "plain-UDP (NoSec) registration is off: lwm2m.allow_nosec")
         if not device.enabled:
@@ -477,6 +529,10 @@ class _Joint:
         self._verdicts.append(verdict)
         if len(self._verdicts) == self._expected:
             self._reply(max(self._verdicts, key=lambda v: (v.code >> 5 != 2, v.code)))
+
+
+def _over(uplink: Uplink) -> str:
+    return "coaps" if uplink.transport == TRANSPORT_DTLS else "coap"
 
 
 def _params(query: list[str]) -> dict[str, str]:
