@@ -26,7 +26,7 @@ from pathlib import Path
 from gateway.model import Record
 from gateway.pipeline.registry import Registry
 from gateway.store.spool import Spool, record_size
-from gateway.store.sqlitefile import immediate, open_db
+from gateway.store.sqlitefile import Writer, open_db
 from gateway.timefmt import rfc3339_ms
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class DownlinkStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None  # write()'s, kept open: one fsync a commit
+        self._writer = Writer(path, SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
         # synchronous=FULL: a command acknowledged as queued survives a power loss.
@@ -121,18 +121,10 @@ class DownlinkStore:
 
     def write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         """Run `statements` in order in one transaction: on disk when this returns, or none."""
-        if self._db is None:
-            self._db = open_db(self.path, SCHEMA, synchronous_full=True, any_thread=True)
-            self._db.isolation_level = None  # our own BEGIN and COMMIT
-        db = self._db
-        with immediate(db):
-            for sql, params in statements:
-                db.execute(sql, params)
+        self._writer.write(statements)
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._writer.close()
 
 
 class CommandRejected(ValueError):

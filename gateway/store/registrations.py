@@ -19,7 +19,7 @@ from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gateway.store.sqlitefile import immediate, open_db
+from gateway.store.sqlitefile import Writer, open_db
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class RegistrationStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
+        self._writer = Writer(path, SCHEMA)
 
     def load(self) -> list[Registration]:
         with closing(open_db(self.path, SCHEMA, synchronous_full=True)) as db:
@@ -69,19 +69,12 @@ class RegistrationStore:
         return [Registration(**json.loads(body)) for (body,) in rows]
 
     def write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
-        if self._db is None:
-            # synchronous=FULL: a registration answered 2.01 survives a power loss.
-            self._db = open_db(self.path, SCHEMA, synchronous_full=True, any_thread=True)
-            self._db.isolation_level = None  # our own BEGIN and COMMIT
-        db = self._db
-        with immediate(db):
-            for sql, params in statements:
-                db.execute(sql, params)
+        """One transaction: on disk when this returns (a registration answered 2.01
+        survives a power loss), or none."""
+        self._writer.write(statements)
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._writer.close()
 
 
 class Registrations:
