@@ -1,5 +1,6 @@
 """The gateway's SQLite files: one way to open the small side files (liveness, downlink
-commands), and one write transaction for them and the spool.
+commands, LwM2M registrations), one write transaction for them and the spool, and the
+kept-open connection (`Writer`) the side files commit through.
 
 The parent directory is made, the journal is WAL, the table exists. Callers use a connection
 from worker threads, one at a time, never from the event loop. The spool opens its file itself.
