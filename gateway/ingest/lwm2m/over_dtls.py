@@ -31,7 +31,6 @@ class DtlsRequester:
         self._context = context
         self._tasks: set[asyncio.Task[None]] = set()
         self._observations: dict[bytes, Any] = {}  # token -> aiocoap's observation
-        self.in_flight = 0
 
     def request(self, remote: Any, code: int, options: list[tuple[int, bytes]],
                 payload: bytes, done: Done, *, on_notify: Notify | None = None) -> None:
@@ -63,7 +62,6 @@ class DtlsRequester:
 
     async def _exchange(self, message: aiocoap.Message, remote: Any, done: Done,
                         on_notify: Notify | None) -> None:
-        self.in_flight += 1
         response: wire.Message | None = None
         try:
             request = self._context.request(message)
@@ -73,8 +71,6 @@ class DtlsRequester:
             log.info("lwm2m: request over coaps to %s ended without an answer: %s",
                      getattr(remote, "hostinfo", remote), e)
             request = None
-        finally:
-            self.in_flight -= 1
         _call(done, response)
         if request is None or response is None or on_notify is None:
             return
