@@ -4,6 +4,7 @@ the others and come back to it; the peer channel refuses what is not from a peer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -272,3 +273,88 @@ def test_a_command_survives_its_home_hosts_death_and_is_confirmed_once(
     states = [m["state"] for m in acks.wait_count(3, "/down/ack")]
     # (`queued` may come twice: kill -9 can undo the deletion of a published record.)
     assert states.count("confirmed") == 1 and states.count("delivered") == 1, states
+
+
+def kill_host(gw: Gateway) -> None:
+    """kill -9 of a whole host: its workers and the supervisor at once."""
+    assert gw.proc is not None
+    workers = Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    gw.kill()
+
+
+def publish_command(broker: Broker, device: Device, command_id: str) -> None:
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                    "-t", f"nbiot/plant/{device.device_type}/{device.device_id}/down",
+                    "-m", json.dumps({"id": command_id, "rate_s": 30})],
+                   check=True, timeout=10)
+
+
+def exchange(gw: Gateway, device: Device, report: dict[str, object]) -> aiocoap.Message:
+    with RawCoap(gw.coap_port) as client:
+        return client.exchange(uplink_request(gw.uri(device), report))
+
+
+def stored_commands(gw: Gateway, device: Device) -> int:
+    """Rows the worker owning `device` holds for it (2 workers: downlink.w{i}.sqlite)."""
+    import sqlite3
+
+    path = gw.workdir / f"downlink.w{owner(device.device_id, 2)}.sqlite"
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+        return int(db.execute("SELECT count(*) FROM commands WHERE device_id = ?",
+                              (device.device_id,)).fetchone()[0])
+
+
+@pytest.mark.parametrize("dies", ["home", "second"])
+def test_hosts_with_workers_deliver_a_command_once_and_keep_it_through_a_host_death(
+        cluster: Callable[..., Cluster], broker: Broker,
+        subscribe: Callable[[str], Subscription], dies: str) -> None:
+    c = cluster(("h1", "h2"), workers=2)
+    acks = subscribe("nbiot/plant/+/+/down/ack")
+    device = next(d for d in SPREAD if owner(d.device_id, 2) == 1)  # worker 0 hands it on
+    home, second = (c.hosts[n] for n in rank(device.device_id, ("h1", "h2")))
+
+    # Delivered through the home host: the second keeper's worker 1 drops its copy.
+    publish_command(broker, device, "c1")
+    wait_for(lambda: stored_commands(second, device) == 1, what="the second keeper stores c1")
+    reply = exchange(second, device, {"seq": 1, "temperature": 20.0})  # relayed to home
+    assert reply.code == aiocoap.CHANGED and json.loads(reply.payload)["id"] == "c1"
+    assert exchange(second, device, {"seq": 2, "temperature": 20.0, "ack": "c1"}).code \
+        == aiocoap.CHANGED
+    wait_for(lambda: f"c1 of {device.device_id} confirmed through another host"
+             in second.log_path.read_text(), what="the second keeper drops c1")
+
+    # The next command outlives either host's kill -9.
+    publish_command(broker, device, "c2")
+    wait_for(lambda: stored_commands(second, device) == 1, what="the second keeper stores c2")
+    wait_for(lambda: stored_commands(home, device) == 1, what="the home host stores c2")
+    dead, survivor = (home, second) if dies == "home" else (second, home)
+    kill_host(dead)
+    wait_for(lambda: survivor.metric("nbiot_gateway_cluster_hosts_alive") == 1,
+             what="the survivor notices")
+    reply = exchange(survivor, device, {"seq": 3, "temperature": 20.0})
+    assert reply.code == aiocoap.CHANGED and json.loads(reply.payload)["id"] == "c2"
+    assert exchange(survivor, device, {"seq": 4, "temperature": 20.0, "ack": "c2"}).code \
+        == aiocoap.CHANGED
+    dead.start()  # its worker 0 hears the `confirmed` it missed and tells worker 1
+    wait_for(lambda: f"c2 of {device.device_id} confirmed through another host"
+             in dead.log_path.read_text(), what="the restarted host drops c2")
+    wait_for(lambda: survivor.metric("nbiot_gateway_cluster_hosts_alive") == 2,
+             what="both hosts alive")
+    for entry in (home, second):  # nothing rides again, whoever the device talks to
+        assert not exchange(entry, device, {"seq": 5 if entry is home else 6,
+                                            "temperature": 20.0}).payload
+    # A record republished after kill -9 (the deletion of a published record undone) comes
+    # again byte for byte: each state change is counted once by its time.
+    def changes() -> list[tuple[str, str]]:
+        return [(i, state) for i, state, _ in
+                {(m["id"], m["state"], m["at"]) for m in acks.messages("/down/ack")}]
+
+    wait_for(lambda: len(changes()) >= 6, what="queued, delivered, confirmed of c1 and c2")
+    states = changes()
+    for command_id in ("c1", "c2"):
+        for state in ("queued", "delivered", "confirmed"):
+            assert states.count((command_id, state)) == 1, states

@@ -130,7 +130,8 @@ class Service:
             listening.append(await self._start_dtls(every_device))
         if self._siblings is not None:
             self._siblings.start(self._coap.datagram_received if self._coap else _drop,
-                                 self._downlink.receive, self._pipeline)
+                                 self._downlink.receive, self._pipeline,
+                                 self._downlink.settled_elsewhere)
         if self._peers is not None and self._coap is not None:
             listening.append(await self._peers.start(self._coap.datagram_received,
                                                      self._coap.send_to_device))
@@ -146,8 +147,8 @@ class Service:
         self._publisher = publisher = Publisher(s.mqtt, s.gateway.id, spool, m, s.gateway.tenant,
                                     on_command=self._on_command if self._worker == 0 else None,
                                     worker=self._worker if self._links else None,
-                                    on_command_state=self._downlink.settled_elsewhere
-                                    if self._peers is not None and self._workers == 1 else None)
+                                    on_command_state=self._on_command_state
+                                    if self._peers is not None and self._worker == 0 else None)
         self._pipeline.broker_connected = lambda: publisher.connected
         self._publisher_task = asyncio.create_task(
             self._publisher.run(self._publisher_stop), name="publisher")
@@ -297,23 +298,35 @@ class Service:
         return every_device, every_device.owned_by(self._worker, self._workers)
 
     async def _on_command(self, device_type: str, device_id: str, payload: bytes) -> None:
+        """Worker 0's MQTT subscription: store the command in the worker owning its
+        device; in a cluster only on the device's two keeper hosts."""
         assert self._downlink is not None
-        if self._peers is not None and self._workers == 1:
+        announce = True
+        if self._peers is not None:
             # Every host hears every command: the device's home host and the one that
             # serves it when home is down keep it (it survives the loss of either); the
             # one a device talks to delivers it, and the others drop theirs on its
-            # `confirmed` (settled_elsewhere).
+            # `confirmed` (settled_elsewhere). Only the home host says `queued`.
             keepers = rank(device_id, self._peers.membership.hosts)[:2]
-            if self._peers.me in keepers:
-                await self._downlink.receive(device_type, device_id, payload,
-                                             announce=keepers[0] == self._peers.me)
-            return
+            if self._peers.me not in keepers:
+                return
+            announce = keepers[0] == self._peers.me
         if self._siblings is None or self._siblings.owns(device_id):
-            await self._downlink.receive(device_type, device_id, payload)
+            await self._downlink.receive(device_type, device_id, payload, announce=announce)
         elif len(payload) > MAX_COMMAND_BYTES:  # the owner would refuse it: no need to send
-            self._downlink.reject(device_type, device_id, payload, TOO_LARGE)
+            if announce:
+                self._downlink.reject(device_type, device_id, payload, TOO_LARGE)
         else:
-            await self._siblings.forward_command(device_type, device_id, payload)
+            await self._siblings.forward_command(device_type, device_id, payload, announce)
+
+    async def _on_command_state(self, device_id: str, state_message: bytes) -> None:
+        """Worker 0, in a cluster: a command state some host published on `.../down/ack`,
+        for the worker keeping this device's copy (which drops it on `confirmed`)."""
+        assert self._downlink is not None
+        if self._siblings is None or self._siblings.owns(device_id):
+            self._downlink.settled_elsewhere(device_id, state_message)
+        else:
+            await self._siblings.forward_state(device_id, state_message)
 
     async def _exposition(self) -> bytes:
         return self.metrics.exposition()
