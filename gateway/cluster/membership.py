@@ -50,7 +50,7 @@ class Membership:
         self._dead_after_s = dead_after_s
         self._clock = clock
         self._heard: dict[str, float] = {}  # host -> when last heard (monotonic)
-        self._incarnation: dict[str, float] = {}
+        self._incarnation: dict[tuple[str, int], float] = {}  # each worker has its own
         self.workers: dict[str, int] = {}  # host -> its gateway.workers, as it says
         self._alive: tuple[str, ...] = (me,)
         self._seeds = {h: seed(h) for h in self.hosts}
@@ -60,14 +60,14 @@ class Membership:
     def alive(self) -> tuple[str, ...]:
         return self._alive
 
-    def heard(self, host: str, incarnation: float, workers: int) -> None:
-        """A heartbeat (or any authentic message) from `host`."""
+    def heard(self, host: str, incarnation: float, workers: int, worker: int = 0) -> None:
+        """A heartbeat (or any authentic message) from `host`'s `worker`."""
         self._heard[host] = self._clock()
         self.workers[host] = workers
-        before = self._incarnation.get(host)
+        before = self._incarnation.get((host, worker))
         if before is not None and before != incarnation:
             log.warning("cluster: host %s restarted (its devices come back to it)", host)
-        self._incarnation[host] = incarnation
+        self._incarnation[(host, worker)] = incarnation
         if host not in self._alive:
             self.check()
 

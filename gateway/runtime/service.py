@@ -32,6 +32,7 @@ from gateway.store.liveness import Liveness, LivenessStore
 from gateway.store.spool import Spool
 
 if TYPE_CHECKING:
+    from gateway.cluster.handover import Holdings, Span
     from gateway.cluster.peers import PeerChannel
     from gateway.ingest.coap.dtls import DtlsServer
     from gateway.runtime.siblings import Siblings
@@ -52,6 +53,7 @@ class Service:
         self.config_path = config_path
         self._siblings: Siblings | None = None
         self._peers: PeerChannel | None = None
+        self._holdings: Holdings | None = None
         self._control_task: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self.stop = asyncio.Event()
@@ -134,7 +136,8 @@ class Service:
                                  self._downlink.settled_elsewhere)
         if self._peers is not None and self._coap is not None:
             listening.append(await self._peers.start(self._coap.datagram_received,
-                                                     self._coap.send_to_device))
+                                                     self._coap.send_to_device,
+                                                     self._handed_over))
         metrics_where = "disabled"
         if self._links is not None:
             metrics_where = "served by the supervisor"
@@ -180,30 +183,57 @@ class Service:
         self._notifier.start()
 
     def _cluster_channel(self) -> PeerChannel:
-        """The peer channel and this host's view of its peers; liveness and the ownership
-        gauges follow every change of who is alive."""
+        """The peer channel and this host's view of its peers; liveness, the ownership
+        gauges and the handover of devices this host gives up follow every change of who
+        is alive."""
+        from gateway.cluster.handover import Holdings
         from gateway.cluster.membership import Membership
         from gateway.cluster.peers import PeerChannel
 
         cluster = self.settings.cluster
         assert cluster.host is not None and self._liveness is not None  # config checked
+        assert self._pipeline is not None
         membership = Membership(cluster.host, cluster.hosts, cluster.peer_dead_after_s)
         peers = PeerChannel(cluster, self._worker, self._workers, self.metrics, membership)
         liveness = self._liveness
+        self._holdings = holdings = Holdings()
+        self._pipeline.note_accepts(holdings.note)
 
         def changed(before: tuple[str, ...], alive: tuple[str, ...]) -> None:
             liveness.owners_changed(membership.owns, time.time())
             self._count_owned(peers)
+            self._hand_over(peers, holdings.give_up(membership.owns))
 
         membership.on_change.append(changed)
         changed((), membership.alive)
         return peers
 
     def _count_owned(self, peers: PeerChannel) -> None:
-        """The ownership gauges, from the devices liveness says this host owns."""
+        """The ownership gauges, from the devices liveness says this host owns; the devices
+        this host holds for another (whose accepts it notes) with them."""
         assert self._liveness is not None and self._liveness.owned is not None
+        assert self._holdings is not None
+        self._holdings.held = peers.taken_over(self._liveness.owned)
         self.metrics.cluster_devices_owned.set(len(self._liveness.owned))
-        self.metrics.cluster_devices_taken_over.set(peers.taken_over(self._liveness.owned))
+        self.metrics.cluster_devices_taken_over.set(len(self._holdings.held))
+
+    def _hand_over(self, peers: PeerChannel, given_up: dict[str, Span]) -> None:
+        """Send each device's new owner the seqs this host accepted while it held it."""
+        by_host: dict[str, dict[str, Span]] = {}
+        for device_id, span in given_up.items():
+            by_host.setdefault(peers.membership.owner(device_id), {})[device_id] = span
+        for host, spans in by_host.items():
+            messages = peers.hand_over(host, spans)
+            log.info("cluster: %d devices go back to %s, with the seqs accepted for them "
+                     "here (%d messages)", len(spans), host, messages)
+
+    def _handed_over(self, sender: str, spans: dict[str, Span]) -> None:
+        """A peer gave this host devices, with the seqs it accepted for them."""
+        from gateway.cluster.handover import seqs_of
+
+        assert self._pipeline is not None and self._peers is not None
+        for device_id, span in spans.items():
+            self._pipeline.merge_accepts(device_id, seqs_of(span), sender, self._peers.me)
 
     def _router(self) -> Callable[[wire.Message, bytes, Address], bool] | None:
         """Where an uplink datagram goes before this process handles it: to the host owning
