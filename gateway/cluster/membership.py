@@ -4,8 +4,9 @@ Every host has the same list of hosts; each hears the others' heartbeats. A devi
 to the live host that ranks highest for it (rendezvous hashing): while all are alive that
 is its home host, and when one dies only its devices move, spread over the others, and
 move back when it returns. No consensus: two hosts that cannot hear each other may both
-take a device for a while, which can admit one duplicate (counted by consumers by
-`(device_id, seq)`), never lose an uplink: every host accepts any device's datagram.
+take a device for a while, which can admit one duplicate (consumers drop it by
+`(device_id, seq)`; the gateway counts it when the device moves back:
+gateway/cluster/handover.py), never lose an uplink: every host accepts any device's datagram.
 """
 
 from __future__ import annotations
