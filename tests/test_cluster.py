@@ -339,6 +339,10 @@ def test_hosts_with_workers_deliver_a_command_once_and_keep_it_through_a_host_de
     publish_command(broker, device, "c2")
     wait_for(lambda: stored_commands(second, device) == 1, what="the second keeper stores c2")
     wait_for(lambda: stored_commands(home, device) == 1, what="the home host stores c2")
+    # (`queued` rides the spool after the command is stored: a kill -9 between loses it.)
+    wait_for(lambda: ("c2", "queued") in {(m["id"], m["state"])
+                                          for m in acks.messages("/down/ack")},
+             what="c2 queued")
     dead, survivor = (home, second) if dies == "home" else (second, home)
     kill_host(dead)
     wait_all_workers_notice_dead(survivor, names[0] if dies == "home" else names[1])
