@@ -22,7 +22,14 @@ from gateway.model import Record, Uplink, Verdict
 from gateway.pipeline.codecs import DECODERS, DEFAULT_CONTENT_FORMAT, JSON, Decoded, DecodeError
 from gateway.pipeline.message import MessageFormat
 from gateway.pipeline.registry import Device, Registry
-from gateway.pipeline.replay import ReplayWindow, Seen, SeqAccept, SeqState
+from gateway.pipeline.replay import (
+    NotedReplayWindow,
+    ReplayWindow,
+    Seen,
+    SeqAccept,
+    SeqState,
+    merge_foreign,
+)
 from gateway.pipeline.schema import SchemaViolation, TypeSchema, build_schemas
 from gateway.runtime.metrics import Metrics
 from gateway.store.downlink import Downlink
@@ -124,6 +131,36 @@ class Pipeline:
         self._registry = registry
         self._settings = settings
         self._metrics.registry_devices.set(len(registry))
+
+    # -- a cluster: seqs across hosts -------------------------------------------------
+    def note_accepts(self, note: Callable[[str, int, Seen], None]) -> None:
+        """Tell `note` of every seq accepted from now on (a cluster host's holdings)."""
+        self._seqs = NotedReplayWindow(self._seqs, note)
+
+    def merge_accepts(self, device_id: str, seqs: list[int], other_host: str,
+                      this_host: str) -> list[int]:
+        """`other_host` accepted `seqs` of `device_id` while it held the device: refuse
+        them here from now on, and report those this host accepted too (each is on MQTT
+        twice): counted, logged, and published on `.../{device}/duplicates`."""
+        device = self._registry.get(device_id)
+        if device is None:
+            return []
+        duplicates = merge_foreign(self._seqs, self._pending, device_id, seqs)
+        if not duplicates:
+            return duplicates
+        self._metrics.cluster_duplicates.inc(len(duplicates))
+        log.warning("cluster: device %s seq %s accepted by both %s and %s (this host): on "
+                    "MQTT twice; consumers drop the second by (device_id, seq)", device_id,
+                    ",".join(map(str, duplicates)), other_host, this_host)
+        record = Record(
+            f"{self._topic_base}/{device.device_type}/{device_id}/duplicates",
+            json.dumps({"device_id": device_id, "seqs": duplicates,
+                        "accepted_by": [other_host, this_host],
+                        "found_at": rfc3339_ms(time.time())},
+                       separators=(",", ":")).encode())
+        if self._spool.has_room(record_size(record)):
+            self._spool.append(record, None)
+        return duplicates
 
     # -- the one entry point ---------------------------------------------------------
     def submit(self, uplink: Uplink, reply: Reply) -> None:

@@ -241,6 +241,17 @@ class Metrics:
             "Messages on the peer channel dropped unread, by reason: bad_mac (wrong "
             "cluster.secret or forged), unknown_host, wrong_source (not from the address "
             "cluster.hosts names), malformed.", ["reason"], registry=r)
+        self.cluster_duplicates = Counter(
+            f"{NS}_cluster_duplicates",
+            "Uplinks two gateway hosts both accepted (each published it: it is on MQTT "
+            "twice), found when one handed the device to the other after a takeover; each is "
+            "logged and published on {prefix}/{tenant}/{type}/{device}/duplicates with its "
+            "(device_id, seq).", registry=r)
+        self.cluster_handovers_lost = Counter(
+            f"{NS}_cluster_handovers_lost",
+            "Handover messages (the seqs a host accepted for devices it gives back) a peer "
+            "never acknowledged: a duplicate among their devices may go uncounted.",
+            registry=r)
         self.cluster_membership_changes = Counter(
             f"{NS}_cluster_membership_changes",
             "Times the set of live hosts this host hears changed (devices moved).",

@@ -239,7 +239,8 @@ class Downlink:
             if self._pending(device_id) >= MAX_PENDING_PER_DEVICE:
                 raise CommandRejected(f"{MAX_PENDING_PER_DEVICE} commands already pending")
         except CommandRejected as e:
-            self.reject(device_type, device_id, payload, str(e))
+            if announce:  # a cluster's second keeper: the home host says it
+                self.reject(device_type, device_id, payload, str(e))
             return
         command = Command(device_id, command_id, body, time.time() + ttl_s)
         key = (device_id, command_id)
