@@ -29,6 +29,9 @@ class Uplink:
     # dead letters), and the resources no field of the type maps, path -> value.
     fields: Mapping[str, object] | None = None
     resources: Mapping[str, object] | None = None
+    # Some of the type's fields, not a whole report (an LwM2M notification carries the one
+    # resource observed): validated alike, no field required.
+    partial: bool = False
 
 
 @dataclass(slots=True, frozen=True)

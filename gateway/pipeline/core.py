@@ -233,7 +233,8 @@ class Pipeline:
             raise UplinkRejected(C.TOO_MANY_REQUESTS, "rate_limited", "too many uplinks",
                                  max_age_s=retry_after_s)
         try:
-            report = self._schemas[device.device_type].validate(self._decode(uplink))
+            report = self._schemas[device.device_type].validate(self._decode(uplink),
+                                                                 uplink.partial)
         except DecodeError as e:
             raise UplinkRejected(C.BAD_REQUEST, "bad_payload", e.detail) from None
         except SchemaViolation as e:

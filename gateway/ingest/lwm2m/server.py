@@ -306,7 +306,7 @@ class Lwm2mServer:
         transport = (TRANSPORT_DTLS if registration is not None and registration.transport == "coaps"
                      else TRANSPORT)
         uplink = Uplink(device_id, None, cf, msg.payload, transport, format_address(addr), now,
-                        time.monotonic(), peer_identity=device_id)
+                        time.monotonic(), peer_identity=device_id, partial=True)
 
         def answered(verdict: Verdict) -> None:
             if verdict.code < C.SERVICE_UNAVAILABLE:  # durable, or refused and kept
@@ -373,7 +373,7 @@ class Lwm2mServer:
                          command.command_id)
                 return
             now = time.time()
-            if request.op == "observe" and response.code >> 5 == 2:
+            if request.op == "observe" and _observing(response):
                 self._keep_observation(device_id, response.token, render_path(request.path))
             elif request.op == "cancel-observe":
                 self._drop_observations_of(device_id, render_path(request.path))
@@ -396,11 +396,12 @@ class Lwm2mServer:
             self._busy.discard(device_id)
             self._metrics.lwm2m_requests.labels(
                 "observe", "unanswered" if response is None else "answered").inc()
-            if response is not None and response.code >> 5 == 2:
+            if response is not None and _observing(response):
                 self._keep_observation(device_id, response.token, path_text)
             elif response is not None:
-                log.info("lwm2m: %s refused to be observed on %s: %s", device_id, path_text,
-                         C.code_str(response.code))
+                log.info("lwm2m: %s did not take the observation of %s: %s%s", device_id,
+                         path_text, C.code_str(response.code),
+                         "" if response.code >> 5 != 2 else " without Observe")
             self._flush(device_id)
 
         self._send_request(registration, C.GET, options, b"", done,
@@ -529,6 +530,12 @@ class _Joint:
         self._verdicts.append(verdict)
         if len(self._verdicts) == self._expected:
             self._reply(max(self._verdicts, key=lambda v: (v.code >> 5 != 2, v.code)))
+
+
+def _observing(response: wire.Message) -> bool:
+    """A 2.xx with an Observe option: the device took the observation (RFC 7641 3.1; a
+    2.05 without it is only the current value)."""
+    return response.code >> 5 == 2 and response.option(C.OBSERVE) is not None
 
 
 def _over(uplink: Uplink) -> str:
