@@ -220,6 +220,11 @@ def cmd_check_config(path: Path) -> int:
         with_psk = sum(1 for device in registry if device.psk is not None)
         ingest.append(f"coaps {settings.coaps.bind} port {settings.coaps.port} "
                       f"({with_psk} of {len(registry)} devices have a psk, only they can use it)")
+    if settings.lwm2m.enabled:
+        mapped = [name for name, spec in settings.types.items() if spec.lwm2m is not None]
+        ingest.append(f"lwm2m on the coap port (NoSec "
+                      f"{'allowed' if settings.lwm2m.allow_nosec else 'refused'}; types "
+                      f"mapping resources: {', '.join(mapped) or 'none'})")
     print(f"{path}: OK: {len(registry)} devices, {len(settings.types)} device types, "
           f"{', '.join(ingest)}, "
           f"broker {', '.join(f'{h}:{p}' for h, p in settings.mqtt.broker_addresses())}, "

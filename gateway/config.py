@@ -283,8 +283,36 @@ class FieldSpec(Section):
         return self
 
 
+LWM2M_PATH = re.compile(r"^/\d{1,5}/\d{1,5}/\d{1,5}(/\d{1,5})?$")  # a resource (instance)
+
+
+class Lwm2mType(Section):
+    """How the type's LwM2M devices carry its fields: `fields` maps a field to the resource
+    that holds it (`temperature = "/3303/0/5700"`); `observe` lists what the gateway
+    observes after each Register of an LwM2M 1.0 device (1.0 has no Send)."""
+
+    fields: dict[str, str] = Field(default_factory=dict)
+    observe: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _paths(self) -> Lwm2mType:
+        for name, path in self.fields.items():
+            if not LWM2M_PATH.match(path) or max(map(int, path[1:].split("/"))) > 65535:
+                raise ValueError(f"fields.{name}: {path!r} is not a resource path like "
+                                 "/3303/0/5700")
+        if len(set(self.fields.values())) != len(self.fields):
+            raise ValueError("fields: two fields map the same resource")
+        for path in self.observe:
+            parts = path[1:].split("/") if path.startswith("/") else ["x"]
+            if not 1 <= len(parts) <= 3 or not all(p.isdigit() and int(p) <= 65535 for p in parts):
+                raise ValueError(f"observe: {path!r} is not an object, instance or resource "
+                                 "path like /3303/0")
+        return self
+
+
 class DeviceType(Section):
     fields: dict[str, FieldSpec] = Field(min_length=1)
+    lwm2m: Lwm2mType | None = None
 
     @model_validator(mode="after")
     def _field_names(self) -> DeviceType:
@@ -293,6 +321,31 @@ class DeviceType(Section):
                 raise ValueError(f"field name {name!r} must match {FIELD_NAME.pattern}")
             if name in RESERVED_FIELDS:
                 raise ValueError(f"field name {name!r} is reserved (seq, ts and ack are envelope keys)")
+        for name in self.lwm2m.fields if self.lwm2m else ():
+            if name not in self.fields:
+                raise ValueError(f"lwm2m.fields.{name}: no such field in this type's fields")
+        return self
+
+
+class Lwm2mSection(Section):
+    """The LwM2M server (registration interface, Send, Observe, commands), on the CoAP
+    port: requests to a device must leave from the address it registered with."""
+
+    enabled: bool = False
+    # Registration over plain UDP (LwM2M NoSec): LwM2M itself carries no credential, so
+    # anyone who knows a device id could register as it. Off unless the network is closed
+    # (a carrier APN with private addressing).
+    allow_nosec: bool = False
+    min_lifetime_s: Annotated[int, Field(ge=1)] = 60
+    max_lifetime_s: Annotated[int, Field(ge=1)] = 30 * 86400
+    # A queue-mode device listens this long after each message (LwM2M 1.1 6.5: the client
+    # stays awake at least CoAP's MAX_TRANSMIT_WAIT, 93 s; many modules much less).
+    awake_s: Annotated[float, Field(gt=0, le=600)] = 20.0
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> Lwm2mSection:
+        if self.min_lifetime_s > self.max_lifetime_s:
+            raise ValueError("min_lifetime_s is greater than max_lifetime_s")
         return self
 
 
@@ -343,6 +396,7 @@ class Settings(BaseSettings):
     liveness: LivenessSection = LivenessSection()
     limits: LimitsSection = LimitsSection()
     cluster: ClusterSection = ClusterSection()
+    lwm2m: Lwm2mSection = Lwm2mSection()
     types: dict[TopicPart, DeviceType] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -353,6 +407,13 @@ class Settings(BaseSettings):
             raise ValueError("cluster.enabled with coaps.enabled: not supported yet (a DTLS "
                              "session lives on the host the balancer picked, and its "
                              "uplinks are not relayed to the device's owner)")
+        if self.lwm2m.enabled:
+            if not self.coap.enabled:
+                raise ValueError("lwm2m.enabled needs coap.enabled: LwM2M shares the CoAP port")
+            if self.gateway.workers > 1 or self.cluster.enabled:
+                raise ValueError("lwm2m.enabled with gateway.workers > 1 or cluster.enabled: not "
+                                 "supported yet (a Send names no device: its registration, "
+                                 "found by address, lives in one process)")
         if self.coap.enabled and self.coaps.enabled and self.coap.port == self.coaps.port:
             raise ValueError(f"coap.port and coaps.port are both {self.coap.port}: "
                              "give coaps a port of its own (5684)")

@@ -5,6 +5,7 @@ No behaviour and no I/O here; every stage depends on this module, it depends on 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -23,6 +24,14 @@ class Uplink:
     # coaps: the device id the DTLS handshake authenticated (its PSK identity); None over
     # plain CoAP, or when that device's key changed since the handshake.
     peer_identity: str | None = None
+    # LwM2M (transport "lwm2m"): the report already read from the device's resources by
+    # ingest, `{"seq": .., "ts": .., field: value}` (`payload` is then the raw bytes, for
+    # dead letters), and the resources no field of the type maps, path -> value.
+    fields: Mapping[str, object] | None = None
+    resources: Mapping[str, object] | None = None
+    # Some of the type's fields, not a whole report (an LwM2M notification carries the one
+    # resource observed): validated alike, no field required.
+    partial: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,6 +45,8 @@ class Verdict:
     # False until the device proved who it is: then an error reply must not be larger
     # than the request (RFC 7252 11.3, no amplification for spoofed sources).
     authenticated: bool = False
+    # Location-Path segments of a 2.01 Created (an LwM2M registration's `/rd/{id}`).
+    location: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)

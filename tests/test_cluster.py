@@ -4,6 +4,7 @@ the others and come back to it; the peer channel refuses what is not from a peer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -272,3 +273,134 @@ def test_a_command_survives_its_home_hosts_death_and_is_confirmed_once(
     states = [m["state"] for m in acks.wait_count(3, "/down/ack")]
     # (`queued` may come twice: kill -9 can undo the deletion of a published record.)
     assert states.count("confirmed") == 1 and states.count("delivered") == 1, states
+
+
+def kill_host(gw: Gateway) -> None:
+    """kill -9 of a whole host: its workers and the supervisor at once."""
+    assert gw.proc is not None
+    workers = Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    gw.kill()
+
+
+def wait_all_workers_notice_dead(gw: Gateway, dead: str, workers: int = 2) -> None:
+    """Every worker of `gw` takes `dead`'s devices (the merged hosts_alive is the least of
+    the workers' views: it drops when the first one notices)."""
+    wait_for(lambda: gw.log_path.read_text().count(f"cluster: host {dead} not heard for")
+             >= workers, what=f"every worker of a survivor notices {dead} died")
+
+
+def publish_command(broker: Broker, device: Device, command_id: str) -> None:
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                    "-t", f"nbiot/plant/{device.device_type}/{device.device_id}/down",
+                    "-m", json.dumps({"id": command_id, "rate_s": 30})],
+                   check=True, timeout=10)
+
+
+def exchange(gw: Gateway, device: Device, report: dict[str, object]) -> aiocoap.Message:
+    with RawCoap(gw.coap_port) as client:
+        return client.exchange(uplink_request(gw.uri(device), report))
+
+
+def stored_commands(gw: Gateway, device: Device) -> int:
+    """Rows the worker owning `device` holds for it (2 workers: downlink.w{i}.sqlite)."""
+    import sqlite3
+
+    path = gw.workdir / f"downlink.w{owner(device.device_id, 2)}.sqlite"
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+        return int(db.execute("SELECT count(*) FROM commands WHERE device_id = ?",
+                              (device.device_id,)).fetchone()[0])
+
+
+@pytest.mark.parametrize("dies", ["home", "second"])
+def test_hosts_with_workers_deliver_a_command_once_and_keep_it_through_a_host_death(
+        cluster: Callable[..., Cluster], broker: Broker,
+        subscribe: Callable[[str], Subscription], dies: str) -> None:
+    c = cluster(("h1", "h2"), workers=2)
+    acks = subscribe("nbiot/plant/+/+/down/ack")
+    device = next(d for d in SPREAD if owner(d.device_id, 2) == 1)  # worker 0 hands it on
+    names = rank(device.device_id, ("h1", "h2"))
+    home, second = (c.hosts[n] for n in names)
+
+    # Delivered through the home host: the second keeper's worker 1 drops its copy.
+    publish_command(broker, device, "c1")
+    wait_for(lambda: stored_commands(second, device) == 1, what="the second keeper stores c1")
+    reply = exchange(second, device, {"seq": 1, "temperature": 20.0})  # relayed to home
+    assert reply.code == aiocoap.CHANGED and json.loads(reply.payload)["id"] == "c1"
+    assert exchange(second, device, {"seq": 2, "temperature": 20.0, "ack": "c1"}).code \
+        == aiocoap.CHANGED
+    wait_for(lambda: f"c1 of {device.device_id} confirmed through another host"
+             in second.log_path.read_text(), what="the second keeper drops c1")
+
+    # The next command outlives either host's kill -9.
+    publish_command(broker, device, "c2")
+    wait_for(lambda: stored_commands(second, device) == 1, what="the second keeper stores c2")
+    wait_for(lambda: stored_commands(home, device) == 1, what="the home host stores c2")
+    # (`queued` rides the spool after the command is stored: a kill -9 between loses it.)
+    wait_for(lambda: ("c2", "queued") in {(m["id"], m["state"])
+                                          for m in acks.messages("/down/ack")},
+             what="c2 queued")
+    dead, survivor = (home, second) if dies == "home" else (second, home)
+    kill_host(dead)
+    wait_all_workers_notice_dead(survivor, names[0] if dies == "home" else names[1])
+    reply = exchange(survivor, device, {"seq": 3, "temperature": 20.0})
+    assert reply.code == aiocoap.CHANGED and json.loads(reply.payload)["id"] == "c2"
+    assert exchange(survivor, device, {"seq": 4, "temperature": 20.0, "ack": "c2"}).code \
+        == aiocoap.CHANGED
+    dead.start()  # its worker 0 hears the `confirmed` it missed and tells worker 1
+    wait_for(lambda: f"c2 of {device.device_id} confirmed through another host"
+             in dead.log_path.read_text(), what="the restarted host drops c2")
+    wait_for(lambda: survivor.metric("nbiot_gateway_cluster_hosts_alive") == 2,
+             what="both hosts alive")
+    for entry in (home, second):  # nothing rides again, whoever the device talks to
+        assert not exchange(entry, device, {"seq": 5 if entry is home else 6,
+                                            "temperature": 20.0}).payload
+    # A record republished after kill -9 (the deletion of a published record undone) comes
+    # again byte for byte: each state change is counted once by its time.
+    def changes() -> list[tuple[str, str]]:
+        return [(i, state) for i, state, _ in
+                {(m["id"], m["state"], m["at"]) for m in acks.messages("/down/ack")}]
+
+    try:
+        wait_for(lambda: len(changes()) >= 6, what="queued, delivered, confirmed of c1, c2")
+    except pytest.fail.Exception:
+        pytest.fail(f"state changes on .../down/ack: {acks.lines()}")
+    states = changes()
+    for command_id in ("c1", "c2"):
+        for state in ("queued", "delivered", "confirmed"):
+            assert states.count((command_id, state)) == 1, states
+
+
+def test_an_uplink_two_hosts_accepted_across_a_takeover_is_counted_with_its_seq(
+        cluster: Callable[..., Cluster], subscribe: Callable[[str], Subscription]) -> None:
+    c = cluster(("h1", "h2"), workers=2)
+    sub = subscribe("nbiot/plant/#")
+    device = next(d for d in SPREAD if owner(d.device_id, 2) == 1)  # worker 1 on both hosts
+    names = rank(device.device_id, ("h1", "h2"))
+    home, heir = (c.hosts[n] for n in names)
+    assert exchange(home, device, {"seq": 17, "temperature": 20.0}).code == aiocoap.CHANGED
+    kill_host(home)  # as if right after its commit: the device never saw the 2.04
+    wait_all_workers_notice_dead(heir, names[0])
+    for seq in (17, 18):  # the retransmission is new to the heir, which has no window
+        assert exchange(heir, device, {"seq": seq, "temperature": 20.0}).code \
+            == aiocoap.CHANGED
+    assert heir.metric("nbiot_gateway_uplinks_accepted_total") == 2
+
+    home.start()  # the heir gives the device back, with the seqs it accepted for it
+    wait_for(lambda: home.metric("nbiot_gateway_cluster_duplicates_total") == 1,
+             what="the home host counts the duplicate")
+    report = sub.wait_count(1, "/duplicates")
+    assert report[0]["device_id"] == device.device_id and report[0]["seqs"] == [17]
+    assert f"device {device.device_id} seq 17 accepted by both" in home.log_path.read_text()
+    # 18 is refused as new on the home host too: the merged window holds it.
+    assert exchange(home, device, {"seq": 18, "temperature": 20.0}).code == aiocoap.CHANGED
+    assert exchange(home, device, {"seq": 19, "temperature": 20.0}).code == aiocoap.CHANGED
+    wait_for(lambda: 19 in {m["seq"] for m in sub.messages()}, what="seq 19 published")
+    # Distinct messages: one republished after kill -9 (its deletion undone) is the same bytes.
+    seqs = [json.loads(p)["seq"] for t, p in set(sub.lines())
+            if t.endswith(f"/{device.device_id}/up")]
+    assert seqs.count(18) == 1 and seqs.count(17) == 2, seqs  # home's and the heir's
+    assert heir.metric("nbiot_gateway_cluster_duplicates_total") == 0

@@ -72,6 +72,16 @@ def test_check_config_accepts_the_shipped_config() -> None:
      "mqtt: Value error, reconnect_max_s must be >= reconnect_min_s"),
     ("min = -40.0\nmax = 85.0", "min = 85.0\nmax = -40.0",
      "types.env_th.fields.temperature: Value error, min (85.0) is greater than max (-40.0)"),
+    ('temperature = "/3303/0/5700"', 'temperature = "/3303/0"',
+     "types.env_th.lwm2m: Value error, fields.temperature: '/3303/0' is not a resource path"),
+    ('temperature = "/3303/0/5700"', 'temperature = "/3304/0/5700"',
+     "types.env_th.lwm2m: Value error, fields: two fields map the same resource"),
+    ('temperature = "/3303/0/5700"', 'dewpoint = "/3303/0/5700"',
+     "types.env_th: Value error, lwm2m.fields.dewpoint: no such field in this type's fields"),
+    ('observe = ["/3303/0/5700"', 'observe = ["/3303/0/5700/1"',
+     "types.env_th.lwm2m: Value error, observe: '/3303/0/5700/1' is not an object"),
+    ("max_lifetime_s = 2592000", "max_lifetime_s = 10",
+     "lwm2m: Value error, min_lifetime_s is greater than max_lifetime_s"),
 ])
 def test_check_config_names_the_key_of_a_bad_value(
     config: Path, old: str, new: str, problem: str
@@ -80,6 +90,13 @@ def test_check_config_names_the_key_of_a_bad_value(
 
     assert result.returncode == 2
     assert problem in result.stderr
+
+
+def test_lwm2m_with_workers_is_refused_until_it_is_supported(config: Path) -> None:
+    result = check_config(config, NBIOT_LWM2M__ENABLED="true", NBIOT_GATEWAY__WORKERS="2")
+
+    assert result.returncode == 2
+    assert "lwm2m.enabled with gateway.workers > 1 or cluster.enabled: not supported yet" in result.stderr
 
 
 @pytest.mark.parametrize(("old", "new", "problem"), [

@@ -49,7 +49,7 @@ async def test_a_command_waits_for_room_in_a_full_inbox() -> None:
     owner_inbox.close()
 
 
-async def _never(device_type: str, device_id: str, payload: bytes) -> None:
+async def _never(device_type: str, device_id: str, payload: bytes, announce: bool) -> None:
     raise AssertionError("worker 0 does not store another worker's command")
 
 

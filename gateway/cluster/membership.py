@@ -4,8 +4,9 @@ Every host has the same list of hosts; each hears the others' heartbeats. A devi
 to the live host that ranks highest for it (rendezvous hashing): while all are alive that
 is its home host, and when one dies only its devices move, spread over the others, and
 move back when it returns. No consensus: two hosts that cannot hear each other may both
-take a device for a while, which can admit one duplicate (counted by consumers by
-`(device_id, seq)`), never lose an uplink: every host accepts any device's datagram.
+take a device for a while, which can admit one duplicate (consumers drop it by
+`(device_id, seq)`; the gateway counts it when the device moves back:
+gateway/cluster/handover.py), never lose an uplink: every host accepts any device's datagram.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Membership:
         self._dead_after_s = dead_after_s
         self._clock = clock
         self._heard: dict[str, float] = {}  # host -> when last heard (monotonic)
-        self._incarnation: dict[str, float] = {}
+        self._incarnation: dict[tuple[str, int], float] = {}  # each worker has its own
         self.workers: dict[str, int] = {}  # host -> its gateway.workers, as it says
         self._alive: tuple[str, ...] = (me,)
         self._seeds = {h: seed(h) for h in self.hosts}
@@ -60,14 +61,14 @@ class Membership:
     def alive(self) -> tuple[str, ...]:
         return self._alive
 
-    def heard(self, host: str, incarnation: float, workers: int) -> None:
-        """A heartbeat (or any authentic message) from `host`."""
+    def heard(self, host: str, incarnation: float, workers: int, worker: int = 0) -> None:
+        """A heartbeat (or any authentic message) from `host`'s `worker`."""
         self._heard[host] = self._clock()
         self.workers[host] = workers
-        before = self._incarnation.get(host)
+        before = self._incarnation.get((host, worker))
         if before is not None and before != incarnation:
             log.warning("cluster: host %s restarted (its devices come back to it)", host)
-        self._incarnation[host] = incarnation
+        self._incarnation[(host, worker)] = incarnation
         if host not in self._alive:
             self.check()
 

@@ -51,6 +51,8 @@ class Backoff:
 
 # (device_type, device_id, payload) of a message on {prefix}/{tenant}/{type}/{id}/down
 CommandHandler = Callable[[str, str, bytes], Awaitable[None]]
+# (device_id, state message) of a message on {prefix}/{tenant}/{type}/{id}/down/ack
+StateHandler = Callable[[str, bytes], Awaitable[None]]
 
 
 class Publisher:
@@ -61,7 +63,7 @@ class Publisher:
     def __init__(self, mqtt: MqttSection, gateway_id: str, spool: Spool, metrics: Metrics,
                  tenant: str = "", on_command: CommandHandler | None = None,
                  worker: int | None = None,
-                 on_command_state: Callable[[str, bytes], None] | None = None) -> None:
+                 on_command_state: StateHandler | None = None) -> None:
         self._command_filter = f"{mqtt.topic_prefix}/{tenant}/+/+/down"
         self._on_command = on_command
         # A cluster: the command states other hosts publish ({...}/down/ack), by device id.
@@ -232,7 +234,11 @@ class Publisher:
             message = getter.result()
             parts = message.topic.split("/")
             if len(parts) == 6 and parts[4:] == ["down", "ack"] and self._on_command_state:
-                self._on_command_state(parts[3], message.payload)
+                try:
+                    await self._on_command_state(parts[3], message.payload)
+                except Exception:  # task boundary: not acknowledged, so it comes again
+                    log.exception("command state on %s could not be handed on", message.topic)
+                    continue
                 client.ack(message)
                 continue
             # prefix/tenant/type/id/down; a retained command would come back at every

@@ -19,10 +19,17 @@ from gateway.config import Settings
 from gateway.errors import UplinkRejected
 from gateway.ingest.coap import numbers as C
 from gateway.model import Record, Uplink, Verdict
-from gateway.pipeline.codecs import DECODERS, DEFAULT_CONTENT_FORMAT, JSON, DecodeError
+from gateway.pipeline.codecs import DECODERS, DEFAULT_CONTENT_FORMAT, JSON, Decoded, DecodeError
 from gateway.pipeline.message import MessageFormat
 from gateway.pipeline.registry import Device, Registry
-from gateway.pipeline.replay import ReplayWindow, Seen, SeqAccept, SeqState
+from gateway.pipeline.replay import (
+    NotedReplayWindow,
+    ReplayWindow,
+    Seen,
+    SeqAccept,
+    SeqState,
+    merge_foreign,
+)
 from gateway.pipeline.schema import SchemaViolation, TypeSchema, build_schemas
 from gateway.runtime.metrics import Metrics
 from gateway.store.downlink import Downlink
@@ -125,6 +132,36 @@ class Pipeline:
         self._settings = settings
         self._metrics.registry_devices.set(len(registry))
 
+    # -- a cluster: seqs across hosts -------------------------------------------------
+    def note_accepts(self, note: Callable[[str, int, Seen], None]) -> None:
+        """Tell `note` of every seq accepted from now on (a cluster host's holdings)."""
+        self._seqs = NotedReplayWindow(self._seqs, note)
+
+    def merge_accepts(self, device_id: str, seqs: list[int], other_host: str,
+                      this_host: str) -> list[int]:
+        """`other_host` accepted `seqs` of `device_id` while it held the device: refuse
+        them here from now on, and report those this host accepted too (each is on MQTT
+        twice): counted, logged, and published on `.../{device}/duplicates`."""
+        device = self._registry.get(device_id)
+        if device is None:
+            return []
+        duplicates = merge_foreign(self._seqs, self._pending, device_id, seqs)
+        if not duplicates:
+            return duplicates
+        self._metrics.cluster_duplicates.inc(len(duplicates))
+        log.warning("cluster: device %s seq %s accepted by both %s and %s (this host): on "
+                    "MQTT twice; consumers drop the second by (device_id, seq)", device_id,
+                    ",".join(map(str, duplicates)), other_host, this_host)
+        record = Record(
+            f"{self._topic_base}/{device.device_type}/{device_id}/duplicates",
+            json.dumps({"device_id": device_id, "seqs": duplicates,
+                        "accepted_by": [other_host, this_host],
+                        "found_at": rfc3339_ms(time.time())},
+                       separators=(",", ":")).encode())
+        if self._spool.has_room(record_size(record)):
+            self._spool.append(record, None)
+        return duplicates
+
     # -- the one entry point ---------------------------------------------------------
     def submit(self, uplink: Uplink, reply: Reply) -> None:
         self._metrics.uplinks_received.inc()
@@ -150,9 +187,28 @@ class Pipeline:
             e.authenticated = authenticated
             raise
 
+    @staticmethod
+    def _decode(uplink: Uplink) -> Decoded:
+        if uplink.fields is not None:  # LwM2M: read from the resources by ingest
+            return Decoded(dict(uplink.fields))
+        content_format = uplink.content_format
+        if content_format is None:
+            content_format = DEFAULT_CONTENT_FORMAT
+        decoder = DECODERS.get(content_format)
+        if decoder is None:
+            raise UplinkRejected(C.UNSUPPORTED_CONTENT_FORMAT, "unsupported_content_format",
+                                 "use content-format 50, 60, 110 or 112")
+        return decoder(uplink.payload)
+
     def _authenticate(self, uplink: Uplink, device: Device) -> bool:
         """Over coaps the DTLS identity is the device; over plain CoAP its `k=` token is.
         True if the device proved who it is, False if coap.require_token let it pass."""
+        if uplink.transport.startswith("lwm2m"):
+            # The registration interface found the device by its registration (and, over
+            # coaps, its DTLS identity); lwm2m.allow_nosec decided whether plain UDP may.
+            if uplink.peer_identity != device.device_id:
+                raise UplinkRejected(C.FORBIDDEN, "not_registered", "not registered")
+            return True
         if uplink.transport == "coaps":
             if uplink.peer_identity is None:
                 raise UplinkRejected(C.UNAUTHORIZED, "no_identity",
@@ -176,15 +232,9 @@ class Pipeline:
         if retry_after_s is not None:
             raise UplinkRejected(C.TOO_MANY_REQUESTS, "rate_limited", "too many uplinks",
                                  max_age_s=retry_after_s)
-        content_format = uplink.content_format
-        if content_format is None:
-            content_format = DEFAULT_CONTENT_FORMAT
-        decoder = DECODERS.get(content_format)
-        if decoder is None:
-            raise UplinkRejected(C.UNSUPPORTED_CONTENT_FORMAT, "unsupported_content_format",
-                                 "use content-format 50, 60, 110 or 112")
         try:
-            report = self._schemas[device.device_type].validate(decoder(uplink.payload))
+            report = self._schemas[device.device_type].validate(self._decode(uplink),
+                                                                 uplink.partial)
         except DecodeError as e:
             raise UplinkRejected(C.BAD_REQUEST, "bad_payload", e.detail) from None
         except SchemaViolation as e:
@@ -221,7 +271,7 @@ class Pipeline:
             f"{self._topic_base}/{device.device_type}/{device.device_id}/up",
             self._format.encode(device.device_id, device.device_type, report.seq,
                                 uplink.received_at, report.device_time, report.values,
-                                uplink.transport),
+                                uplink.transport, uplink.resources),
         )
         if not self._spool.has_room(record_size(record)):
             raise UplinkRejected(C.SERVICE_UNAVAILABLE, "spool_full", "spool full, retry later",
@@ -364,7 +414,10 @@ class Pipeline:
                 self._seqs.accept(*accepted)
 
     def _accepted(self, device: Device, uplink: Uplink) -> Verdict:
-        """2.04, carrying the device's next downlink command if one waits."""
+        """2.04, carrying the device's next downlink command if one waits (not over
+        LwM2M: its commands are requests of their own, ingest/lwm2m)."""
+        if uplink.transport.startswith("lwm2m"):
+            return ACCEPTED
         command = self._downlink.next_for(device.device_id, device.device_type,
                                           uplink.received_at)
         if command is None:

@@ -31,7 +31,8 @@ class MessageFormat:
         self._readings = {device_type: _readings_parts(u) for device_type, u in units.items()}
 
     def encode(self, device_id: str, device_type: str, seq: int | None, received_at: float,
-               device_time: float | None, values: Mapping[str, float], transport: str) -> bytes:
+               device_time: float | None, values: Mapping[str, float], transport: str,
+               resources: Mapping[str, object] | None = None) -> bytes:
         parts = ['{"device_id":', _string(device_id), ',"device_type":', _string(device_type),
                  self._gateway, "null" if seq is None else str(seq),
                  ',"received_at":"', rfc3339_ms(received_at), '"']
@@ -46,14 +47,17 @@ class MessageFormat:
                 parts.append(",")
             first = False
             parts += before, repr(value), after  # floats and ints as json writes them
-        parts += '},"transport":', _string(transport), "}"
+        parts += '},"transport":', _string(transport)
+        if resources:  # LwM2M resources no field maps: kept, as the device sent them
+            parts += ',"resources":', json.dumps(resources, separators=(",", ":"))
+        parts.append("}")
         return "".join(parts).encode()
 
 
 def reference_encoding(device_id: str, device_type: str, tenant: str, gateway_id: str,
                        seq: int | None, received_at: float, device_time: float | None,
                        values: Mapping[str, float], units: Mapping[str, str],
-                       transport: str) -> bytes:
+                       transport: str, resources: Mapping[str, object] | None = None) -> bytes:
     """The same message through json.dumps: the format's definition, used by the tests."""
     message: dict[str, object] = {"device_id": device_id, "device_type": device_type,
                                   "tenant": tenant, "gateway_id": gateway_id, "seq": seq,
@@ -62,4 +66,6 @@ def reference_encoding(device_id: str, device_type: str, tenant: str, gateway_id
         message["device_time"] = rfc3339_ms(device_time)
     message["readings"] = {name: {"value": v, "unit": units[name]} for name, v in values.items()}
     message["transport"] = transport
+    if resources:
+        message["resources"] = dict(resources)
     return json.dumps(message, separators=(",", ":")).encode()

@@ -16,6 +16,7 @@ come back down; without `ts` it gets 4.00 stale_seq, which says so.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 WINDOW = 64
@@ -95,3 +96,33 @@ class ReplayWindow:
     def hwm(self, device_id: str) -> int | None:
         s = self._state.get(device_id)
         return None if s is None else s.hwm
+
+
+class NotedReplayWindow(ReplayWindow):
+    """A window that also tells `note` of every accept, at accept time (before its commit):
+    a cluster host's record of what it accepted for the devices it holds for another. Only
+    a cluster makes one, so a single host's accepts pay nothing for it."""
+
+    def __init__(self, window: ReplayWindow, note: Callable[[str, int, Seen], None]) -> None:
+        self._state = window._state
+        self._note = note
+
+    def accept(self, device_id: str, seq: int, ts: float | None, seen: Seen) -> None:
+        super().accept(device_id, seq, ts, seen)
+        self._note(device_id, seq, seen)
+
+
+def merge_foreign(window: ReplayWindow, committing: Container[tuple[str, int]],
+                  device_id: str, seqs: Iterable[int]) -> list[int]:
+    """Merge another gateway host's accepts of `device_id` into `window` (so they are
+    refused here from now on); return the duplicates: the seqs this host accepted too (in
+    its window, or being committed now). A seq below the window cannot be told apart: it
+    is neither merged nor counted."""
+    duplicates = []
+    for seq in sorted(set(seqs)):
+        seen = window.check(device_id, seq, None)
+        if seen is Seen.DUPLICATE or (device_id, seq) in committing:
+            duplicates.append(seq)
+        elif seen is Seen.NEW:
+            window.accept(device_id, seq, None, Seen.NEW)
+    return duplicates

@@ -54,18 +54,23 @@ class TypeSchema:
             "ts": (float | None, Field(None, ge=0, le=MAX_DEVICE_TIME_S, allow_inf_nan=False)),
             "ack": (str | None, Field(None, min_length=1, max_length=64)),
         }
+        optional = dict(definitions)
         for fname, fs in spec.fields.items():
             constraint = Field(
                 ... if fs.required else None, ge=fs.min, le=fs.max, allow_inf_nan=False
             )
             definitions[fname] = (float if fs.required else float | None, constraint)
+            optional[fname] = (float | None, Field(None, ge=fs.min, le=fs.max,
+                                                   allow_inf_nan=False))
+        config = ConfigDict(extra="forbid", strict=True)
         self._model: type[BaseModel] = create_model(
-            f"Report_{name}",
-            __config__=ConfigDict(extra="forbid", strict=True),
-            **definitions,
-        )
+            f"Report_{name}", __config__=config, **definitions)
+        # A report of some of the fields (an LwM2M notification carries one resource):
+        # the same checks, no field required.
+        self._partial_model: type[BaseModel] = create_model(
+            f"PartialReport_{name}", __config__=config, **optional)
 
-    def validate(self, decoded: Decoded) -> Report:
+    def validate(self, decoded: Decoded, partial: bool = False) -> Report:
         # Units first: a value in the wrong unit is often out of range too, and the unit is
         # what the device must fix.
         for fname, unit in decoded.units.items():
@@ -73,7 +78,8 @@ class TypeSchema:
             if expected and unit != expected:
                 raise SchemaViolation("wrong_unit", f"{fname}: unit {unit[:16]!r}, expected {expected!r}")
         try:
-            model = self._model.model_validate(decoded.fields)
+            model = (self._partial_model if partial else self._model).model_validate(
+                decoded.fields)
         except ValidationError as e:
             first = e.errors(include_url=False, include_context=False)[0]
             loc = ".".join(str(p) for p in first["loc"]) or "payload"

@@ -241,6 +241,17 @@ class Metrics:
             "Messages on the peer channel dropped unread, by reason: bad_mac (wrong "
             "cluster.secret or forged), unknown_host, wrong_source (not from the address "
             "cluster.hosts names), malformed.", ["reason"], registry=r)
+        self.cluster_duplicates = Counter(
+            f"{NS}_cluster_duplicates",
+            "Uplinks two gateway hosts both accepted (each published it: it is on MQTT "
+            "twice), found when one handed the device to the other after a takeover; each is "
+            "logged and published on {prefix}/{tenant}/{type}/{device}/duplicates with its "
+            "(device_id, seq).", registry=r)
+        self.cluster_handovers_lost = Counter(
+            f"{NS}_cluster_handovers_lost",
+            "Handover messages (the seqs a host accepted for devices it gives back) a peer "
+            "never acknowledged: a duplicate among their devices may go uncounted.",
+            registry=r)
         self.cluster_membership_changes = Counter(
             f"{NS}_cluster_membership_changes",
             "Times the set of live hosts this host hears changed (devices moved).",
@@ -253,6 +264,30 @@ class Metrics:
         self.dtls_sessions = Gauge(
             f"{NS}_dtls_sessions",
             "coaps (DTLS) sessions held, handshakes that failed included (coaps.max_sessions).",
+            registry=r)
+        self.lwm2m_registrations = Gauge(
+            f"{NS}_lwm2m_registrations",
+            "LwM2M devices registered now (kept across restarts; a registration ends with "
+            "De-register or when its lifetime runs out).", registry=r)
+        self.lwm2m_registration_ops = Counter(
+            f"{NS}_lwm2m_registration_requests",
+            "LwM2M Register, Update and De-register requests, by op and result: ok, or the "
+            "reason slug of the 4.xx/5.03 (also in nbiot_gateway_uplinks_rejected_total).",
+            ["op", "result"], registry=r)
+        self.lwm2m_lifetime_expired = Counter(
+            f"{NS}_lwm2m_registrations_expired",
+            "LwM2M registrations removed because the device did not Update within its "
+            "lifetime (the device goes offline, saying so).", registry=r)
+        self.lwm2m_requests = Counter(
+            f"{NS}_lwm2m_device_requests",
+            "Requests the gateway sent to LwM2M devices (commands and observations), by op "
+            "and outcome: answered (any code: the result carries it) or unanswered (no "
+            "answer after RFC 7252 retransmission; a command is tried again when the "
+            "device next speaks).", ["op", "outcome"], registry=r)
+        self.lwm2m_unmapped_resources = Counter(
+            f"{NS}_lwm2m_unmapped_resources",
+            "LwM2M resource values no field of the device's type maps ([types.X.lwm2m] "
+            "fields): kept in the uplink's message under \"resources\", not validated.",
             registry=r)
 
 

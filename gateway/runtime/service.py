@@ -33,9 +33,12 @@ from gateway.store.liveness import Liveness, LivenessStore
 from gateway.store.spool import Spool
 
 if TYPE_CHECKING:
+    from gateway.cluster.handover import Holdings, Span
     from gateway.cluster.peers import PeerChannel
     from gateway.ingest.coap.dtls import DtlsServer
+    from gateway.ingest.lwm2m.server import Lwm2mServer
     from gateway.runtime.siblings import Siblings
+    from gateway.store.registrations import Registrations
 
 log = logging.getLogger(__name__)
 COMMIT_WAIT_S = 5.0
@@ -53,6 +56,7 @@ class Service:
         self.config_path = config_path
         self._siblings: Siblings | None = None
         self._peers: PeerChannel | None = None
+        self._holdings: Holdings | None = None
         self._control_task: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self.stop = asyncio.Event()
@@ -70,6 +74,8 @@ class Service:
         self._uplink_rate = UplinkRate()
         self._liveness: Liveness | None = None
         self._downlink: Downlink | None = None
+        self._lwm2m: Lwm2mServer | None = None
+        self._registrations: Registrations | None = None
         self._background: list[asyncio.Task[None]] = []
 
     async def run(self) -> int:
@@ -131,14 +137,20 @@ class Service:
             serve_udp(sock, coap, 0.0 if router else gather_s(s.spool.commit_linger_ms / 1000),
                       spool.together)
             listening.append(f"coap udp {s.coap.bind} port {sock.getsockname()[1]}")
+            if s.lwm2m.enabled:  # on the CoAP socket (config: one worker, no cluster)
+                listening.append(await self._start_lwm2m(coap, registry, files.spool.parent))
         if s.coaps.enabled and self._worker == 0:  # DTLS sessions live in worker 0
             listening.append(await self._start_dtls(every_device))
+            if self._lwm2m is not None and self._dtls is not None:
+                self._lwm2m.attach_dtls(self._dtls)
         if self._siblings is not None:
             self._siblings.start(self._coap.datagram_received if self._coap else _drop,
-                                 self._downlink.receive, self._pipeline)
+                                 self._downlink.receive, self._pipeline,
+                                 self._downlink.settled_elsewhere)
         if self._peers is not None and self._coap is not None:
             listening.append(await self._peers.start(self._coap.datagram_received,
-                                                     self._coap.send_to_device))
+                                                     self._coap.send_to_device,
+                                                     self._handed_over))
         metrics_where = "disabled"
         if self._links is not None:
             metrics_where = "served by the supervisor"
@@ -151,8 +163,8 @@ class Service:
         self._publisher = publisher = Publisher(s.mqtt, s.gateway.id, spool, m, s.gateway.tenant,
                                     on_command=self._on_command if self._worker == 0 else None,
                                     worker=self._worker if self._links else None,
-                                    on_command_state=self._downlink.settled_elsewhere
-                                    if self._peers is not None and self._workers == 1 else None)
+                                    on_command_state=self._on_command_state
+                                    if self._peers is not None and self._worker == 0 else None)
         self._pipeline.broker_connected = lambda: publisher.connected
         self._publisher_task = asyncio.create_task(
             self._publisher.run(self._publisher_stop), name="publisher")
@@ -183,31 +195,74 @@ class Service:
         self._notifier.send("READY=1\n" + self._status_line())
         self._notifier.start()
 
+    async def _start_lwm2m(self, coap: CoapServer, registry: Registry, state_dir: Path) -> str:
+        from gateway.ingest.lwm2m import commands
+        from gateway.ingest.lwm2m.server import Lwm2mServer
+        from gateway.store.registrations import Registrations, RegistrationStore
+
+        assert self._pipeline is not None and self._downlink is not None
+        assert self._liveness is not None
+        self._registrations = Registrations(RegistrationStore(state_dir / "lwm2m.sqlite"))
+        await self._registrations.load()
+        self._lwm2m = Lwm2mServer(self.settings, registry, self._pipeline, self._registrations,
+                                  self._downlink, self._liveness, self.metrics)
+        self._lwm2m.attach(coap)
+        self._downlink.check = commands.check
+        return (f"lwm2m on the coap port ({len(self._registrations)} registrations, NoSec "
+                f"{'allowed' if self.settings.lwm2m.allow_nosec else 'refused'})")
+
     def _cluster_channel(self) -> PeerChannel:
-        """The peer channel and this host's view of its peers; liveness and the ownership
-        gauges follow every change of who is alive."""
+        """The peer channel and this host's view of its peers; liveness, the ownership
+        gauges and the handover of devices this host gives up follow every change of who
+        is alive."""
+        from gateway.cluster.handover import Holdings
         from gateway.cluster.membership import Membership
         from gateway.cluster.peers import PeerChannel
 
         cluster = self.settings.cluster
         assert cluster.host is not None and self._liveness is not None  # config checked
+        assert self._pipeline is not None
         membership = Membership(cluster.host, cluster.hosts, cluster.peer_dead_after_s)
         peers = PeerChannel(cluster, self._worker, self._workers, self.metrics, membership)
         liveness = self._liveness
+        self._holdings = holdings = Holdings()
+        self._pipeline.note_accepts(holdings.note)
 
         def changed(before: tuple[str, ...], alive: tuple[str, ...]) -> None:
             liveness.owners_changed(membership.owns, time.time())
             self._count_owned(peers)
+            self._hand_over(peers, holdings.give_up(membership.owns))
 
         membership.on_change.append(changed)
         changed((), membership.alive)
         return peers
 
     def _count_owned(self, peers: PeerChannel) -> None:
-        """The ownership gauges, from the devices liveness says this host owns."""
+        """The ownership gauges, from the devices liveness says this host owns; the devices
+        this host holds for another (whose accepts it notes) with them."""
         assert self._liveness is not None and self._liveness.owned is not None
+        assert self._holdings is not None
+        self._holdings.held = peers.taken_over(self._liveness.owned)
         self.metrics.cluster_devices_owned.set(len(self._liveness.owned))
-        self.metrics.cluster_devices_taken_over.set(peers.taken_over(self._liveness.owned))
+        self.metrics.cluster_devices_taken_over.set(len(self._holdings.held))
+
+    def _hand_over(self, peers: PeerChannel, given_up: dict[str, Span]) -> None:
+        """Send each device's new owner the seqs this host accepted while it held it."""
+        by_host: dict[str, dict[str, Span]] = {}
+        for device_id, span in given_up.items():
+            by_host.setdefault(peers.membership.owner(device_id), {})[device_id] = span
+        for host, spans in by_host.items():
+            messages = peers.hand_over(host, spans)
+            log.info("cluster: %d devices go back to %s, with the seqs accepted for them "
+                     "here (%d messages)", len(spans), host, messages)
+
+    def _handed_over(self, sender: str, spans: dict[str, Span]) -> None:
+        """A peer gave this host devices, with the seqs it accepted for them."""
+        from gateway.cluster.handover import seqs_of
+
+        assert self._pipeline is not None and self._peers is not None
+        for device_id, span in spans.items():
+            self._pipeline.merge_accepts(device_id, seqs_of(span), sender, self._peers.me)
 
     def _router(self) -> Callable[[wire.Message, bytes, Address], bool] | None:
         """Where an uplink datagram goes before this process handles it: to the host owning
@@ -257,6 +312,8 @@ class Service:
                 now = time.time()
                 self._liveness.sweep(now)
                 self._downlink.sweep(now)
+                if self._lwm2m is not None:
+                    self._lwm2m.sweep(now)
                 if loop.time() >= next_save:
                     next_save = loop.time() + save_interval_s
                     await self._liveness.save()
@@ -302,23 +359,37 @@ class Service:
         return every_device, every_device.owned_by(self._worker, self._workers)
 
     async def _on_command(self, device_type: str, device_id: str, payload: bytes) -> None:
+        """Worker 0's MQTT subscription: store the command in the worker owning its
+        device; in a cluster only on the device's two keeper hosts."""
         assert self._downlink is not None
-        if self._peers is not None and self._workers == 1:
+        announce = True
+        if self._peers is not None:
             # Every host hears every command: the device's home host and the one that
             # serves it when home is down keep it (it survives the loss of either); the
             # one a device talks to delivers it, and the others drop theirs on its
-            # `confirmed` (settled_elsewhere).
+            # `confirmed` (settled_elsewhere). Only the home host says `queued`.
             keepers = rank(device_id, self._peers.membership.hosts)[:2]
-            if self._peers.me in keepers:
-                await self._downlink.receive(device_type, device_id, payload,
-                                             announce=keepers[0] == self._peers.me)
-            return
+            if self._peers.me not in keepers:
+                return
+            announce = keepers[0] == self._peers.me
         if self._siblings is None or self._siblings.owns(device_id):
-            await self._downlink.receive(device_type, device_id, payload)
+            await self._downlink.receive(device_type, device_id, payload, announce=announce)
+            if self._lwm2m is not None:
+                self._lwm2m.command_arrived(device_id)
         elif len(payload) > MAX_COMMAND_BYTES:  # the owner would refuse it: no need to send
-            self._downlink.reject(device_type, device_id, payload, TOO_LARGE)
+            if announce:
+                self._downlink.reject(device_type, device_id, payload, TOO_LARGE)
         else:
-            await self._siblings.forward_command(device_type, device_id, payload)
+            await self._siblings.forward_command(device_type, device_id, payload, announce)
+
+    async def _on_command_state(self, device_id: str, state_message: bytes) -> None:
+        """Worker 0, in a cluster: a command state some host published on `.../down/ack`,
+        for the worker keeping this device's copy (which drops it on `confirmed`)."""
+        assert self._downlink is not None
+        if self._siblings is None or self._siblings.owns(device_id):
+            self._downlink.settled_elsewhere(device_id, state_message)
+        else:
+            await self._siblings.forward_state(device_id, state_message)
 
     async def _exposition(self) -> bytes:
         return self.metrics.exposition()
@@ -389,6 +460,8 @@ class Service:
                     self._count_owned(self._peers)
             if self._downlink is not None:
                 self._downlink.replace_registry(registry)
+            if self._lwm2m is not None:
+                self._lwm2m.replace_registry(registry, settings)
             if self._dtls is not None:
                 self._dtls.replace_keys(every_device)
                 self._warn_no_psk()
@@ -442,6 +515,8 @@ class Service:
             self._siblings.close()
         if self._control_task is not None:
             self._control_task.cancel()
+        if self._lwm2m is not None:
+            await self._lwm2m.close()
         if self._dtls is not None:
             await self._dtls.close()
         for task in self._background:
@@ -451,6 +526,8 @@ class Service:
             await self._liveness.save()
         if self._downlink is not None:
             await self._downlink.close()
+        if self._registrations is not None:
+            await self._registrations.close()
         self._publisher_stop.set()
         if self._publisher_task is not None:
             try:

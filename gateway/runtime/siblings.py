@@ -6,15 +6,18 @@ fork, and holds a sending end to every inbox. Three messages:
   U  an uplink datagram and the device's address: the owner handles it as if it had
      received it, and answers from its own socket on the shared port, so the device
      sees one server and its retransmissions meet one reply cache and one replay window;
-  C  a downlink command worker 0 took from MQTT for another worker's device;
+  C  a downlink command worker 0 took from MQTT for another worker's device (and, in a
+     cluster, whether this host announces it `queued`);
   A  the owner's answer to a C: stored or not. Worker 0 PUBACKs the command only after
      a stored answer, so a command is never acknowledged to the broker before it is
      durable, whichever worker keeps it.
   P  an uplink worker 0 took over coaps (DTLS sessions live there) for another worker's
      device: the owner's pipeline judges it, and
-  V  its verdict goes back to worker 0, which answers the device in its DTLS session.
-A full inbox drops a U (the device retransmits; counted), fails a C (not PUBACKed) and
-answers a P with 5.03 and Max-Age.
+  V  its verdict goes back to worker 0, which answers the device in its DTLS session;
+  S  in a cluster, a command state another host published (`confirmed`, `expired` on
+     `.../down/ack`), heard by worker 0, for the worker keeping the device's copy.
+A full inbox drops a U (the device retransmits; counted), fails a C or an S (not
+PUBACKed: the broker sends it again) and answers a P with 5.03 and Max-Age.
 """
 
 from __future__ import annotations
@@ -38,14 +41,16 @@ from gateway.runtime.workers import owner
 
 log = logging.getLogger(__name__)
 
-CommandHandler = Callable[[str, str, bytes], Awaitable[None]]
+CommandHandler = Callable[[str, str, bytes, bool], Awaitable[None]]  # ..., announce
+StateHandler = Callable[[str, bytes], None]  # device id, the state message
 Reply = Callable[[Verdict], None]
 COMMAND_TIMEOUT_S = 10.0
 PATIENCE_S = 5.0  # a command or its answer waits this long for room in a full inbox
 INBOX_BUFFER_BYTES = 4 << 20
-_U, _C, _A, _P, _V = b"U", b"C", b"A", b"P", b"V"
+_U, _C, _A, _P, _V, _S = b"U", b"C", b"A", b"P", b"V", b"S"
 _ADDR = struct.Struct("!HB")  # port, host length; the host follows
-_COMMAND = struct.Struct("!IBB")  # request id, type length, id length; both follow
+_COMMAND = struct.Struct("!IBB?")  # request id, type length, id length, announce
+_STATE = struct.Struct("!B")  # device id length; the id, then the state message follow
 _ANSWER = struct.Struct("!I?")  # request id, stored
 _UPLINK = struct.Struct("!IBI")  # request id, sending worker, header length; header, payload
 _VERDICT = struct.Struct("!IHii?")  # request id, code, content format, max age, authenticated
@@ -68,6 +73,7 @@ class Siblings:
         self._loop = asyncio.get_running_loop()
         self._on_datagram: Callable[[bytes, Address], None] | None = None
         self._on_command: CommandHandler | None = None
+        self._on_state: StateHandler | None = None
         self._request_ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[bool]] = {}
         self._verdicts: dict[int, Reply] = {}  # P sent, V awaited
@@ -82,9 +88,11 @@ class Siblings:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, INBOX_BUFFER_BYTES)
 
     def start(self, on_datagram: Callable[[bytes, Address], None],
-              on_command: CommandHandler, sink: UplinkSink) -> None:
+              on_command: CommandHandler, sink: UplinkSink,
+              on_state: StateHandler | None = None) -> None:
         self._on_datagram = on_datagram
         self._on_command = on_command
+        self._on_state = on_state
         self._sink = sink
         self._loop.add_reader(self._inbox.fileno(), self._drain)
 
@@ -117,8 +125,10 @@ class Siblings:
         return True
 
     # -- commands: worker 0's MQTT subscription ----------------------------------------
-    async def forward_command(self, device_type: str, device_id: str, payload: bytes) -> None:
-        """Hand a command to the worker owning its device; return once it is stored there."""
+    async def forward_command(self, device_type: str, device_id: str, payload: bytes,
+                              announce: bool = True) -> None:
+        """Hand a command to the worker owning its device; return once it is stored there.
+        `announce`: that worker says `queued` (a cluster's second keeper does not)."""
         target = owner(device_id, self.workers)
         request_id = next(self._request_ids) & 0xFFFF_FFFF
         kind, ident = device_type.encode(), device_id.encode()
@@ -126,7 +136,8 @@ class Siblings:
         self._waiting[request_id] = answer
         try:
             if not await self._send_patiently(target, b"".join((
-                    _C, _COMMAND.pack(request_id, len(kind), len(ident)), kind, ident,
+                    _C, _COMMAND.pack(request_id, len(kind), len(ident), announce), kind,
+                    ident,
                     payload))):
                 raise SiblingError(f"worker {target}'s inbox stayed full")
             try:
@@ -138,6 +149,15 @@ class Siblings:
                 raise SiblingError(f"worker {target} could not store the command")
         finally:
             self._waiting.pop(request_id, None)
+
+    async def forward_state(self, device_id: str, state_message: bytes) -> None:
+        """Hand another host's command state to the worker owning its device; return once
+        it is in that worker's inbox (it acts on it in memory: nothing to wait for)."""
+        target = owner(device_id, self.workers)
+        ident = device_id.encode()
+        if not await self._send_patiently(target, b"".join((
+                _S, _STATE.pack(len(ident)), ident, state_message))):
+            raise SiblingError(f"worker {target}'s inbox stayed full")
 
     # -- coaps uplinks: worker 0's DTLS server ----------------------------------------
     def submit_to_owner(self, uplink: Uplink, reply: Reply) -> None:
@@ -208,13 +228,13 @@ class Siblings:
             assert self._on_datagram is not None
             self._on_datagram(message[start + host_len:], (host, port))
         elif kind == _C:
-            request_id, kind_len, ident_len = _COMMAND.unpack_from(message, 1)
+            request_id, kind_len, ident_len, announce = _COMMAND.unpack_from(message, 1)
             start = 1 + _COMMAND.size
             device_type = message[start:start + kind_len].decode()
             device_id = message[start + kind_len:start + kind_len + ident_len].decode()
             payload = message[start + kind_len + ident_len:]
             task = self._loop.create_task(self._store(request_id, device_type, device_id,
-                                                      payload))
+                                                      payload, announce))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif kind == _A:
@@ -224,6 +244,11 @@ class Siblings:
                 fut.set_result(stored)
         elif kind == _P:
             self._judge(message)
+        elif kind == _S and self._on_state is not None:
+            (ident_len,) = _STATE.unpack_from(message, 1)
+            start = 1 + _STATE.size
+            self._on_state(message[start:start + ident_len].decode(),
+                           message[start + ident_len:])
         elif kind == _V:
             request_id, code, content_format, max_age, authenticated = _VERDICT.unpack_from(
                 message, 1)
@@ -257,11 +282,11 @@ class Siblings:
         self._sink.submit(uplink, reply)
 
     async def _store(self, request_id: int, device_type: str, device_id: str,
-                     payload: bytes) -> None:
+                     payload: bytes, announce: bool) -> None:
         assert self._on_command is not None
         stored = True
         try:
-            await self._on_command(device_type, device_id, payload)
+            await self._on_command(device_type, device_id, payload, announce)
         except Exception:
             log.exception("downlink command for %s from worker 0 could not be stored", device_id)
             stored = False

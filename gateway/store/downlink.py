@@ -26,7 +26,7 @@ from pathlib import Path
 from gateway.model import Record
 from gateway.pipeline.registry import Registry
 from gateway.store.spool import Spool, record_size
-from gateway.store.sqlitefile import immediate, open_db
+from gateway.store.sqlitefile import Writer, open_db
 from gateway.timefmt import rfc3339_ms
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,8 @@ _SET_SENT = "UPDATE commands SET delivered = 1 WHERE device_id = ? AND command_i
 _DELETE = "DELETE FROM commands WHERE device_id = ? AND command_id = ?"
 # The confirmed row moves to a key no command can have, so its id is free at once for a
 # new command, which must not overwrite the confirmation before it is spooled.
-_SET_CONFIRMED = ("UPDATE commands SET command_id = ?, delivered = 2, expires_at = ? "
-                  "WHERE device_id = ? AND command_id = ?")
+_SET_CONFIRMED = ("UPDATE commands SET command_id = ?, delivered = 2, expires_at = ?, "
+                  "body = coalesce(?, body) WHERE device_id = ? AND command_id = ?")
 
 
 @dataclass(slots=True)
@@ -74,6 +74,7 @@ class Confirmed:
     row_key: str
     command_id: str
     confirmed_at: float
+    result: dict[str, object] | None = None  # what an LwM2M device answered
 
 
 def confirmed_row_key(command_id: str, confirmed_at: float) -> str:
@@ -91,7 +92,7 @@ class DownlinkStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None  # write()'s, kept open: one fsync a commit
+        self._writer = Writer(path, SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
         # synchronous=FULL: a command acknowledged as queued survives a power loss.
@@ -108,7 +109,9 @@ class DownlinkStore:
         with closing(self._connect()) as db:
             rows = db.execute("SELECT device_id, command_id, body, expires_at FROM commands "
                               "WHERE delivered = 2 ORDER BY rowid").fetchall()
-        return [Confirmed(d, key, str(json.loads(b).get("id", "")), at) for d, key, b, at in rows]
+        bodies = [(d, key, json.loads(b), at) for d, key, b, at in rows]
+        return [Confirmed(d, key, str(body.get("id", "")), at, body.get("result"))
+                for d, key, body, at in bodies]
 
     def apply(self, upserts: list[Command], deletes: list[Key]) -> None:
         """Write commands and delete rows in one transaction (rebalance builds files with it)."""
@@ -118,18 +121,10 @@ class DownlinkStore:
 
     def write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         """Run `statements` in order in one transaction: on disk when this returns, or none."""
-        if self._db is None:
-            self._db = open_db(self.path, SCHEMA, synchronous_full=True, any_thread=True)
-            self._db.isolation_level = None  # our own BEGIN and COMMIT
-        db = self._db
-        with immediate(db):
-            for sql, params in statements:
-                db.execute(sql, params)
+        self._writer.write(statements)
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._writer.close()
 
 
 class CommandRejected(ValueError):
@@ -206,6 +201,8 @@ class Downlink:
         self._unspooled: dict[Key, _Unspooled] = {}
         self._committer: asyncio.Task[None] | None = None
         self._save_asked = False
+        # What else a command must be, or why not (the LwM2M server checks its `op`s).
+        self.check: Callable[[dict[str, object]], str | None] = lambda body: None
 
     async def load(self) -> None:
         commands, confirmed = await asyncio.to_thread(
@@ -236,10 +233,14 @@ class Downlink:
             if device is None or device.device_type != device_type:
                 raise CommandRejected(f"no device {device_id} of type {device_type}")
             command_id, body, ttl_s = parse_command(payload)
+            why = self.check(body)
+            if why:
+                raise CommandRejected(why)
             if self._pending(device_id) >= MAX_PENDING_PER_DEVICE:
                 raise CommandRejected(f"{MAX_PENDING_PER_DEVICE} commands already pending")
         except CommandRejected as e:
-            self.reject(device_type, device_id, payload, str(e))
+            if announce:  # a cluster's second keeper: the home host says it
+                self.reject(device_type, device_id, payload, str(e))
             return
         command = Command(device_id, command_id, body, time.time() + ttl_s)
         key = (device_id, command_id)
@@ -285,12 +286,15 @@ class Downlink:
 
     # -- the uplink path (hot) -------------------------------------------------------
     def confirm(self, device_id: str, device_type: str, command_id: str,
-                then: Callable[[], None] | None = None) -> None:
+                then: Callable[[], None] | None = None,
+                result: dict[str, object] | None = None) -> None:
         """The device acknowledged `command_id`. It rides no more at once; `then()` runs
         on the loop once the confirmation is on disk (at once if nothing waits under that
         id, or if a command replacing it is being stored: that one will ride). If the
         commit fails, the command waits again and `then()` still runs: the reply carries
-        the command again and the device acknowledges it again."""
+        the command again and the device acknowledges it again. `result` (an LwM2M
+        device's answer: its code, the values read) is kept with the confirmation and
+        published in its `confirmed` state."""
         key = (device_id, command_id)
         confirming = self._confirming.get(key)
         if confirming is not None:  # acknowledged again before the first commit ended
@@ -308,16 +312,28 @@ class Downlink:
         confirmed_at = time.time()
         row_key = confirmed_row_key(command_id, confirmed_at)
         confirmation = _Confirmation(command, device_type, position,
-                                     Confirmed(device_id, row_key, command_id, confirmed_at),
+                                     Confirmed(device_id, row_key, command_id, confirmed_at,
+                                               result),
                                      [then] if then is not None else [])
         self._confirming[key] = confirmation
+        body = json.dumps({**command.body, "result": result}) if result is not None else None
         self._writes.append(_Write(key, _SET_CONFIRMED,
-                                   (row_key, confirmed_at, device_id, command_id), lazy=False))
+                                   (row_key, confirmed_at, body, device_id, command_id),
+                                   lazy=False))
         self._confirmations.append(confirmation)
         self._commit_soon()
 
     def next_for(self, device_id: str, device_type: str, now: float) -> bytes | None:
         """The reply payload for this device's uplink: its oldest live command, or None."""
+        command = self.take_next(device_id, device_type, now)
+        if command is None:
+            return None
+        return json.dumps({**command.body, "pending": len(self._queues[device_id]) - 1},
+                          separators=(",", ":")).encode()
+
+    def take_next(self, device_id: str, device_type: str, now: float) -> Command | None:
+        """The device's oldest live command, marked `delivered` (the same one again until
+        it is confirmed or expires), or None."""
         queue = self._queues.get(device_id)
         if not queue:
             return None
@@ -331,8 +347,7 @@ class Downlink:
             key = (device_id, command.command_id)
             self._writes.append(_Write(key, _SET_SENT, key, lazy=True))
             self._status(device_id, device_type, command.command_id, DELIVERED, "")
-        return json.dumps({**command.body, "pending": len(queue) - 1},
-                          separators=(",", ":")).encode()
+        return command
 
     # -- housekeeping ----------------------------------------------------------------
     def sweep(self, now: float) -> None:
@@ -439,7 +454,7 @@ class Downlink:
             return
         row = unspooled.confirmed
         record = self._status_record(row.device_id, unspooled.device_type, row.command_id,
-                                     CONFIRMED, "", row.confirmed_at)
+                                     CONFIRMED, "", row.confirmed_at, row.result)
         if not self._spool.has_room(record_size(record)):
             log.warning("spool full: `confirmed` of downlink %s of %s waits for room",
                         row.command_id, row.device_id)
@@ -468,10 +483,13 @@ class Downlink:
                         device_id, state)
 
     def _status_record(self, device_id: str, device_type: str, command_id: str, state: str,
-                       reason: str, at: float) -> Record:
+                       reason: str, at: float, result: dict[str, object] | None = None
+                       ) -> Record:
         message: dict[str, object] = {"id": command_id, "state": state, "at": rfc3339_ms(at)}
         if reason:
             message["reason"] = reason
+        if result is not None:
+            message["result"] = result
         return Record(f"{self._topic_base}/{device_type}/{device_id}/down/ack",
                       json.dumps(message, separators=(",", ":")).encode())
 

@@ -113,6 +113,12 @@ class Liveness:
         if self._state.get(device.device_id) != ONLINE:
             self._change(device, ONLINE, at, "uplink received")
 
+    def went_away(self, device: Device, reason: str) -> None:
+        """The device said it leaves, or its registration ran out (LwM2M): offline now,
+        with `reason`, whatever its report interval says."""
+        if self._state.get(device.device_id) == ONLINE:
+            self._change(device, OFFLINE, self._seen_at.get(device.device_id, 0.0), reason)
+
     # -- ownership (cluster.enabled) ---------------------------------------------------
     def owners_changed(self, owns: Callable[[str], bool], now: float) -> None:
         """The live hosts changed: judge only the devices this host owns from now on, and

@@ -1,5 +1,6 @@
 """The gateway's SQLite files: one way to open the small side files (liveness, downlink
-commands), and one write transaction for them and the spool.
+commands, LwM2M registrations), one write transaction for them and the spool, and the
+kept-open connection (`Writer`) the side files commit through.
 
 The parent directory is made, the journal is WAL, the table exists. Callers use a connection
 from worker threads, one at a time, never from the event loop. The spool opens its file itself.
@@ -42,3 +43,28 @@ def immediate(db: sqlite3.Connection) -> Iterator[None]:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+class Writer:
+    """One connection to a side file kept open for its write transactions (one fsync a
+    commit), used from worker threads one at a time."""
+
+    def __init__(self, path: Path, schema_sql: str) -> None:
+        self._path, self._schema = path, schema_sql
+        self._db: sqlite3.Connection | None = None
+
+    def write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        """Run `statements` in order in one transaction: on disk when this returns, or none
+        (synchronous=FULL: power loss included)."""
+        if self._db is None:
+            self._db = open_db(self._path, self._schema, synchronous_full=True, any_thread=True)
+            self._db.isolation_level = None  # our own BEGIN and COMMIT
+        db = self._db
+        with immediate(db):
+            for sql, params in statements:
+                db.execute(sql, params)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

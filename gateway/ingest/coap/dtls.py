@@ -25,7 +25,7 @@ from aiocoap.resource import Resource
 
 from gateway.errors import UplinkRejected
 from gateway.ingest.coap import numbers as C
-from gateway.ingest.coap.server import UplinkSink
+from gateway.ingest.coap.server import LWM2M_ROOTS, Lwm2mSink, UplinkSink
 from gateway.model import Uplink, Verdict
 from gateway.pipeline.registry import Registry
 from gateway.runtime.metrics import Metrics
@@ -177,6 +177,27 @@ class DtlsServer:
         self._context: Any = None
         self._sessions: _SessionTable | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.lwm2m: Lwm2mSink | None = None  # set by the LwM2M server, if enabled
+
+    @property
+    def context(self) -> Any:
+        """aiocoap's server context (the LwM2M server sends its requests through it)."""
+        return self._context
+
+    def allow_requests_to_sessions(self) -> None:
+        """Let requests go out on a device's DTLS session (the LwM2M server's commands).
+        aiocoap 0.4's DTLS server recognizes only plain-UDP addresses as destinations of
+        requests (its own FIXME says this path was never tested), so a request to a
+        session's address found no interface. Ours are accepted when the session belongs
+        to our socket; covered by tests/test_lwm2m_dtls.py."""
+        interface = _dtls_message_interface(self._context)
+        recognized = interface.recognize_remote
+        pool = interface._pool
+
+        async def recognize_remote(remote: Any) -> bool:
+            return bool(await recognized(remote)) or getattr(remote, "_protocol", None) is pool
+
+        interface.recognize_remote = recognize_remote
 
     @property
     def devices_with_psk(self) -> int:
@@ -251,6 +272,16 @@ class DtlsServer:
             if not verdict.done():  # done: aiocoap gave up on the request (shutdown)
                 verdict.set_result(answer)
 
+        if path and path[0] in LWM2M_ROOTS and self.lwm2m is not None:
+            if self.oversized(request):
+                self._sink.reject(uplink, UplinkRejected(
+                    C.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
+                    f"max {self._max_payload} bytes"), reply)
+            else:
+                self.lwm2m.request(int(request.code), _sockaddr(request.remote), list(path),
+                                   list(request.opt.uri_query), uplink.content_format,
+                                   request.payload, uplink, reply, dtls_remote=request.remote)
+            return self._response(await verdict)
         rejection = self._refusal(request, device_id)
         if rejection is not None:
             self._sink.reject(uplink, rejection, reply)
@@ -288,18 +319,32 @@ class DtlsServer:
             response.opt.max_age = verdict.max_age_s
         if verdict.code == C.REQUEST_ENTITY_TOO_LARGE:
             response.opt.size1 = self._max_payload
+        if verdict.location:
+            response.opt.location_path = verdict.location
         return response
 
 
 def _dtls_pool(context: Any) -> Any:
     """aiocoap's table of DTLS sessions (private in aiocoap 0.4; see _SessionTable)."""
+    return _dtls_message_interface(context)._pool
+
+
+def _dtls_message_interface(context: Any) -> Any:
     for token_manager in context.request_interfaces:
         message_interface = getattr(token_manager.token_interface, "message_interface", None)
         pool = getattr(message_interface, "_pool", None)
         if hasattr(pool, "_connections") and hasattr(pool, "datagram_received"):
-            return pool
+            return message_interface
     raise RuntimeError(f"aiocoap {aiocoap.meta.version}: its DTLS server has no session table "
                        "where gateway/ingest/coap/dtls.py expects one; DTLS sessions cannot be bounded")
+
+
+def _sockaddr(remote: Any) -> tuple[str, int]:
+    """The device's UDP address under its DTLS session (aiocoap 0.4's private layout)."""
+    address = getattr(getattr(remote, "_underlying_address", None), "address", None)
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return _remote(remote), 0
 
 
 def _remote(remote: Any) -> str:

@@ -13,12 +13,16 @@ CON, NON, ACK, RST = int(Type.CON), int(Type.NON), int(Type.ACK), int(Type.RST)
 
 EMPTY = int(Code.EMPTY)
 GET, POST, PUT, DELETE = int(Code.GET), int(Code.POST), int(Code.PUT), int(Code.DELETE)
+CREATED = int(Code.CREATED)
+DELETED = int(Code.DELETED)
 CHANGED = int(Code.CHANGED)
+CONTENT = int(Code.CONTENT)
 CONTINUE = int(Code.CONTINUE)
 BAD_REQUEST = int(Code.BAD_REQUEST)
 UNAUTHORIZED = int(Code.UNAUTHORIZED)
 BAD_OPTION = int(Code.BAD_OPTION)
 FORBIDDEN = int(Code.FORBIDDEN)
+PRECONDITION_FAILED = int(Code.PRECONDITION_FAILED)
 NOT_FOUND = int(Code.NOT_FOUND)
 METHOD_NOT_ALLOWED = int(Code.METHOD_NOT_ALLOWED)
 REQUEST_ENTITY_INCOMPLETE = int(Code.REQUEST_ENTITY_INCOMPLETE)
@@ -32,6 +36,8 @@ PROXYING_NOT_SUPPORTED = int(Code.PROXYING_NOT_SUPPORTED)
 URI_HOST = int(OptionNumber.URI_HOST)
 URI_PORT = int(OptionNumber.URI_PORT)
 URI_PATH = int(OptionNumber.URI_PATH)
+LOCATION_PATH = int(OptionNumber.LOCATION_PATH)
+OBSERVE = int(OptionNumber.OBSERVE)
 CONTENT_FORMAT = int(OptionNumber.CONTENT_FORMAT)
 MAX_AGE = int(OptionNumber.MAX_AGE)
 URI_QUERY = int(OptionNumber.URI_QUERY)
@@ -47,7 +53,7 @@ NO_RESPONSE = int(OptionNumber.NO_RESPONSE)
 # Options this server understands; an unknown *critical* (odd) option is 4.02 (RFC 7252 5.4.1).
 # If-Match and If-None-Match are critical and not evaluated here, so they get 4.02 too.
 UNDERSTOOD_OPTIONS = frozenset({
-    URI_HOST, int(OptionNumber.ETAG), int(OptionNumber.OBSERVE), URI_PORT, URI_PATH,
+    URI_HOST, int(OptionNumber.ETAG), OBSERVE, URI_PORT, URI_PATH,
     CONTENT_FORMAT, MAX_AGE, URI_QUERY, ACCEPT, BLOCK1, BLOCK2, SIZE1, SIZE2, NO_RESPONSE,
 })
 

@@ -49,6 +49,23 @@ def request_path(msg: wire.Message) -> list[str]:
             if number == C.URI_PATH]
 
 
+LWM2M_ROOTS = frozenset({"rd", "dp"})  # the LwM2M registration and Send interfaces
+
+
+class Lwm2mSink(Protocol):
+    """The LwM2M server (gateway/ingest/lwm2m) as the CoAP server sees it."""
+
+    def request(self, code: int, addr: Address, path: list[str], query: list[str],
+                content_format: int | None, payload: bytes, uplink: Uplink,
+                reply: Callable[[Verdict], None], dtls_remote: object | None = None) -> None:
+        """A request on /rd or /dp; `reply` is called once. `uplink` (no device yet) is
+        for rejections; `dtls_remote`: it came over coaps, on this aiocoap session."""
+
+    def response(self, msg: wire.Message, addr: Address) -> bool:
+        """An ACK, RST or response from a device: True if it answers one of our requests
+        (the LwM2M server then ACKs a CON response itself)."""
+
+
 class UplinkSink(Protocol):
     """The pipeline as ingest sees it."""
 
@@ -75,6 +92,7 @@ class CoapServer(asyncio.DatagramProtocol):
         dedup_max_entries: int,
         transport_name: str = "coap",
         router: Router | None = None,
+        lwm2m: Lwm2mSink | None = None,
     ) -> None:
         self._sink = sink
         self._metrics = metrics
@@ -82,6 +100,7 @@ class CoapServer(asyncio.DatagramProtocol):
         self._dedup_max = dedup_max_entries
         self._transport_name = transport_name
         self._router = router
+        self.lwm2m = lwm2m  # set once: the LwM2M server needs this server to send
         self._transport: asyncio.DatagramTransport | None = None
         self._replies: dict[tuple[Address, int], bytes] = {}
         self._reply_expiry: deque[tuple[float, tuple[Address, int]]] = deque()
@@ -105,7 +124,7 @@ class CoapServer(asyncio.DatagramProtocol):
         try:
             self._receive(data, addr)
         except Exception:  # task boundary: one datagram must never stop the server
-            log.exception("unexpected error handling a datagram from %s", _fmt(addr))
+            log.exception("unexpected error handling a datagram from %s", format_address(addr))
             self._metrics.malformed_datagrams.inc()
 
     def datagrams_received(self, datagrams: list[tuple[bytes, Address]],
@@ -129,7 +148,11 @@ class CoapServer(asyncio.DatagramProtocol):
                 self._send(wire.encode(wire.Message(C.RST, C.EMPTY, (data[2] << 8) | data[3])), addr)
             return
         if msg.mtype == C.ACK or msg.mtype == C.RST:
-            return  # we never send CONs, so there is nothing to match
+            if self.lwm2m is not None:  # the LwM2M server's requests; else nothing to match
+                self.lwm2m.response(msg, addr)
+            return
+        if msg.code >> 5 != 0 and self.lwm2m is not None and self.lwm2m.response(msg, addr):
+            return  # a response to, or a notification for, the LwM2M server's request
         if msg.code == C.EMPTY or msg.code >> 5 != 0:
             # CoAP ping (empty CON) or a response sent to us: RST a CON, ignore a NON.
             if msg.mtype == C.CON:
@@ -154,7 +177,7 @@ class CoapServer(asyncio.DatagramProtocol):
         try:
             self._request(msg, addr, key)
         except Exception:  # a bug must cost one 5.00, not the device's retransmissions
-            log.exception("internal error handling a request from %s", _fmt(addr))
+            log.exception("internal error handling a request from %s", format_address(addr))
             self._metrics.uplinks_rejected.labels("internal_error").inc()
             self._respond(msg, addr, key, Verdict(C.INTERNAL_SERVER_ERROR, b"internal error",
                                                   C.CONTENT_FORMAT_TEXT), None)
@@ -194,13 +217,14 @@ class CoapServer(asyncio.DatagramProtocol):
                 bad_option = bad_option or UplinkRejected(
                     C.BAD_OPTION, "bad_option", f"critical option {number}")
 
+        lwm2m = self.lwm2m is not None and bool(path) and path[0] in LWM2M_ROOTS
         device_id = uplink_device_id(path)
         token = None
         for q in query:
             if q.startswith("k="):
                 token = q[2:]  # option values are already percent-decoded (RFC 7252 6.4)
         uplink = Uplink(device_id, token, content_format, msg.payload, self._transport_name,
-                        _fmt(addr), received_at, received_mono)
+                        format_address(addr), received_at, received_mono)
 
         def reply(verdict: Verdict, block: wire.Block | None = block1) -> None:
             self._respond(msg, addr, key, verdict, block)
@@ -208,11 +232,11 @@ class CoapServer(asyncio.DatagramProtocol):
         if bad_option is not None:
             self._sink.reject(uplink, bad_option, reply)
             return
-        if not device_id:
+        if not device_id and not lwm2m:
             self._sink.reject(uplink, UplinkRejected(
                 C.NOT_FOUND, "unknown_path", "POST to /up/{device_id}?k={token}"), reply)
             return
-        if msg.code != C.POST and msg.code != C.PUT:
+        if msg.code != C.POST and msg.code != C.PUT and not lwm2m:
             self._sink.reject(uplink, UplinkRejected(
                 C.METHOD_NOT_ALLOWED, "method_not_allowed", "use POST or PUT"), reply)
             return
@@ -238,6 +262,11 @@ class CoapServer(asyncio.DatagramProtocol):
                             uplink.remote, received_at, received_mono)
         elif len(msg.payload) > self._max_payload:
             self._sink.reject(uplink, self._too_large(), reply)
+            return
+        if lwm2m:
+            assert self.lwm2m is not None
+            self.lwm2m.request(msg.code, addr, path, query, content_format, uplink.payload,
+                               uplink, reply)
             return
         self._sink.submit(uplink, reply)
 
@@ -295,7 +324,7 @@ class CoapServer(asyncio.DatagramProtocol):
         block: wire.Block | None,
     ) -> None:
         if (request.mtype == C.CON and not verdict.payload and verdict.max_age_s is None
-                and block is None and verdict.code < C.BAD_REQUEST):
+                and block is None and verdict.code < C.BAD_REQUEST and not verdict.location):
             data = wire.encode_ack(verdict.code, request.mid, request.token)  # a bare 2.04
         else:
             data = self._encode_reply(request, verdict, block)
@@ -313,13 +342,13 @@ class CoapServer(asyncio.DatagramProtocol):
             options.append((C.MAX_AGE, wire.uint_value(verdict.max_age_s)))
         if block is not None and verdict.code in (C.CONTINUE, C.CHANGED):
             options.append((C.BLOCK1, block.encode()))
+        options.extend((C.LOCATION_PATH, segment.encode()) for segment in verdict.location)
         if verdict.code == C.REQUEST_ENTITY_TOO_LARGE:
             options.append((C.SIZE1, wire.uint_value(self._max_payload)))
         if request.mtype == C.CON:
             mtype, mid = C.ACK, request.mid
         else:
-            self._next_mid = (self._next_mid + 1) & 0xFFFF
-            mtype, mid = C.NON, self._next_mid
+            mtype, mid = C.NON, self.next_mid()
         data = wire.encode(wire.Message(mtype, verdict.code, mid, request.token, options,
                                         verdict.payload))
         if verdict.code >= C.BAD_REQUEST and not verdict.authenticated:
@@ -347,6 +376,15 @@ class CoapServer(asyncio.DatagramProtocol):
         elif self._transport is not None and not self._transport.is_closing():
             self._transport.sendto(data, addr)
 
+    def next_mid(self) -> int:
+        """A message ID for a message this server starts (a NON reply, an LwM2M request)."""
+        self._next_mid = (self._next_mid + 1) & 0xFFFF
+        return self._next_mid
+
+    def send(self, data: bytes, addr: Address) -> None:
+        """A message this server starts (the LwM2M server's requests and ACKs)."""
+        self._send(data, addr)
+
     def send_to_device(self, data: bytes, addr: Address) -> None:
         """A reply the device's owner (another gateway host) made, sent from our socket."""
         self._send(data, addr[:2])
@@ -372,7 +410,8 @@ def _same_token(cached: bytes, token: bytes) -> bool:
     return cached[4:4 + (cached[0] & 0x0F)] == token
 
 
-def _fmt(addr: Address) -> str:
+def format_address(addr: Address) -> str:
+    """`host:port` (`[v6]:port`) for logs and dead letters; IPv4 without its ::ffff: prefix."""
     host = str(addr[0])
     if host.startswith("::ffff:"):
         host = host[7:]

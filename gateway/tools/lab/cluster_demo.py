@@ -76,6 +76,9 @@ class Report:
     queue_messages: int = 0
     queue_distinct: int = 0
     queue_duplicates: list[str] = field(default_factory=list)
+    # What the gateways themselves found: seqs two hosts both accepted across a takeover
+    # (nbiot_gateway_cluster_duplicates_total, summed over the hosts).
+    gateway_duplicates: int = 0
     share: dict[str, int] = field(default_factory=dict)  # host -> uplinks it accepted
     relayed: dict[str, int] = field(default_factory=dict)  # host -> datagrams relayed to it
     faults: list[Fault] = field(default_factory=list)
@@ -287,6 +290,8 @@ class ClusterDemo:
         # Wait for every host's spool to be published, then read the queue back.
         wait_until(lambda: all(scrape(lab.backbone_ip(h), METRICS_PORT).get(
             "nbiot_gateway_spool_records", 1) == 0 for h in HOSTS), 60, "spools published")
+        r.gateway_duplicates = sum(int(scrape(lab.backbone_ip(h), METRICS_PORT).get(
+            "nbiot_gateway_cluster_duplicates_total", 0)) for h in HOSTS)
         seen: Counter[tuple[str, int]] = Counter()
         messages = rabbit.drain_queue(UPLINK_QUEUE)
         for _, payload in messages:
@@ -320,7 +325,8 @@ def format_report(r: Report) -> str:
         ("delivered", f"{r.delivered} seen by the witness, duplicates {r.duplicates_delivered}"),
         ("lost", f"{r.lost}"),
         ("uplink queue", f"{r.queue_messages} messages, {r.queue_distinct} distinct "
-                         f"(device, seq), {len(r.queue_duplicates)} duplicated"),
+                         f"(device, seq), {len(r.queue_duplicates)} duplicated; "
+                         f"the gateways counted {r.gateway_duplicates} taken-over duplicates"),
         ("ack latency", f"p50 {r.ack_p50_ms} ms, p99 {r.ack_p99_ms} ms, max {r.ack_max_ms} ms"),
         ("share (accepted)", ", ".join(f"{h} {n}" for h, n in r.share.items())),
         ("relayed to owner", ", ".join(f"{h} {n}" for h, n in r.relayed.items())),
