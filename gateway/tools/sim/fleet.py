@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import random
@@ -204,6 +205,7 @@ class Fleet:
                 assert spec is not None
                 kind = kinds[device.device_type] = Lwm2mType.of(spec.fields)
             device.lwm2m = Lwm2mDevice(device, kind, device.content_format, link, ledger, listen_s)
+            device.lwm2m.on_interval = functools.partial(self._interval_changed, device)
 
     # -- the run ---------------------------------------------------------------------
     def start(self, duration_s: float) -> None:
@@ -383,6 +385,16 @@ class Fleet:
             device.interval_s = float(interval)
         device.unconfirmed_command = command["id"]
         self.ledger.downlinks_applied += 1
+
+    def _interval_changed(self, device: SimDevice) -> None:
+        """A Write of the interval: a next report scheduled further out than the new
+        interval comes earlier (pmax: the longest the device may stay silent)."""
+        soonest = self.loop.time() + device.interval_s
+        if device.handle is None or device.report is not None or device.next_at <= soonest:
+            return  # a report in flight: the next one is scheduled from its end
+        device.handle.cancel()
+        device.next_at = soonest
+        device.handle = self.loop.call_at(soonest, self._wake, device)
 
     def _schedule_next(self, device: SimDevice, now: float) -> None:
         if self.stopping:

@@ -128,7 +128,7 @@ class Lwm2mDevice:
                  "_on_done", "_on_sent", "_on_the_way", "_payload", "_pending", "_port",
                  "_req", "_send_retried", "_served", "_sock", "_timer", "code",
                  "content_format", "device", "finished_at", "kind", "ledger", "link", "listen_s",
-                 "location", "max_age_s", "needs_update", "outcome", "readings", "rebinds",
+                 "location", "max_age_s", "needs_update", "on_interval", "outcome", "readings", "rebinds",
                  "reply_payload", "retransmissions", "stale_replies", "started_at",
                  "transmissions")
 
@@ -140,6 +140,8 @@ class Lwm2mDevice:
         self.link = link
         self.ledger = ledger
         self.listen_s = listen_s
+        # Called when a Write changed the reporting interval (the fleet moves its next report).
+        self.on_interval: Callable[[], None] | None = None
         self.location: str | None = None  # "rd/{id}" once registered
         self.needs_update = False
         self.readings: dict[str, float] = {}  # the last report's, for a Read
@@ -565,6 +567,8 @@ class Lwm2mDevice:
             if reading.path == INTERVAL_PATH:
                 self.device.interval_s = value  # the reports after this one
                 self.ledger.lwm2m_interval_writes += 1
+                if self.on_interval is not None:
+                    self.on_interval()
         return C.CHANGED
 
     def _execute(self, path: LwM2mPath) -> int:
