@@ -62,6 +62,8 @@ async def test_mixed_fleet_of_up_and_lwm2m_devices_loses_nothing(
     assert summary.lwm2m_delivered >= summary.lwm2m_acked > 0
     assert summary.duplicates_delivered == summary.delivered_rejected == 0
     assert summary.foreign_delivered == 0
+    # A Send from a port the gateway did not know is refused, and taken after an Update.
+    assert summary.rejected_by_code == {}
     # After each Register the gateway observes the type's resources; the device declines
     # (it Sends) by answering as a Read.
     assert summary.lwm2m_requests.get("observe 2.05", 0) >= 30

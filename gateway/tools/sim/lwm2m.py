@@ -53,6 +53,9 @@ UPDATE_TRIGGER_PATH: LwM2mPath = (1, 0, 8)  # Server object, Registration Update
 WRITABLE = frozenset({LIFETIME_PATH, PMIN_PATH, INTERVAL_PATH})
 EXECUTABLE = frozenset({REBOOT_PATH, UPDATE_TRIGGER_PATH})
 SEND_FORMATS = (content.SENML_CBOR, content.SENML_JSON)
+# A Send refused as from an unknown address is sent again after an Update this often (a
+# NAT may rebind again during the Update or the Send); then the refusal stands.
+MAX_SEND_REFUSALS = 3
 _SERVED_KEPT = 8  # responses kept by message ID: a retransmitted request gets the same one
 
 
@@ -126,7 +129,7 @@ class Lwm2mDevice:
 
     __slots__ = ("_generation", "_handle", "_last_activity", "_last_out", "_listen_handle",
                  "_on_done", "_on_sent", "_on_the_way", "_payload", "_pending", "_port",
-                 "_req", "_send_retried", "_served", "_sock", "_timer", "code",
+                 "_refusals", "_req", "_served", "_sock", "_timer", "code",
                  "content_format", "device", "finished_at", "kind", "ledger", "link", "listen_s",
                  "location", "max_age_s", "needs_update", "on_interval", "outcome", "readings", "rebinds",
                  "reply_payload", "retransmissions", "stale_replies", "started_at",
@@ -158,7 +161,7 @@ class Lwm2mDevice:
         self._timer: RetransmissionTimer | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._payload = b""
-        self._send_retried = False
+        self._refusals = 0  # Sends of this report refused as from an unknown address
         self._on_sent: Callable[[], None] | None = None
         self._on_done: Callable[[Lwm2mDevice], None] | None = None
         self._reset()
@@ -188,7 +191,7 @@ class Lwm2mDevice:
                on_done: Callable[[Lwm2mDevice], None]) -> None:
         self._reset()
         self._payload, self._on_sent, self._on_done = payload, on_sent, on_done
-        self._send_retried = False
+        self._refusals = 0
         link = self.link
         now = link.loop.time()
         self.started_at = now - link.radio.latency_s(self.device.coverage)
@@ -399,11 +402,11 @@ class Lwm2mDevice:
                 self._end(Outcome.REJECTED, at, code)
         elif code >> 5 == 2:
             self._end(Outcome.ACKED, at, code)
-        elif code in (C.FORBIDDEN, C.NOT_FOUND) and not self._send_retried:
+        elif code in (C.FORBIDDEN, C.NOT_FOUND) and self._refusals < MAX_SEND_REFUSALS:
             # Not registered at this address (a NAT rebind it did not notice): Update, and
             # the same reading again (the gateway's (device, seq) dedup keeps it once).
             ledger.lwm2m_refused[f"send {C.code_str(code)}"] += 1
-            self._send_retried = True
+            self._refusals += 1
             self._request(Step.REGISTER if self.location is None else Step.UPDATE, at)
         else:
             self._end(Outcome.REJECTED, at, code)
