@@ -245,11 +245,6 @@ def test_libcoap_register_and_send_reach_mqtt_and_the_registration_survives_rest
          "humidity": {"value": 40, "unit": "%RH"}} for n in range(3)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (gateway/ingest/lwm2m/server.py _notified -> _submit, lines 267-281 and 223-245): a "
-    "notification becomes an uplink of the notified resource alone, and the shipped env_th "
-    "observes /3304/0/5700 by itself (config/gateway.toml line 102) while temperature is "
-    "required: every humidity notification is refused 4.00 missing_field"))
 def test_npm_client_humidity_notification_arrives_as_an_uplink(
     gateway_factory: Callable[..., Gateway], subscribe: Callable[[str], Subscription],
     node_devices: Callable[..., NodeDevice],
@@ -268,10 +263,6 @@ def test_npm_client_humidity_notification_arrives_as_an_uplink(
     wait_for(notified, timeout=8, what="the humidity notification as an uplink")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (gateway/ingest/lwm2m/server.py line 365, Lwm2mServer._observe.done): a 2.05 "
-    "without an Observe option (RFC 7641: the device did not add the gateway as an "
-    "observer) is kept as an observation in the registration, and re-armed after a restart"))
 def test_observe_answered_without_the_observe_option_is_not_kept_as_an_observation(
     gateway_factory: Callable[..., Gateway],
 ) -> None:
