@@ -163,6 +163,9 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="the gateway's CoAP port (default: [coap] port)")
     p.add_argument("--json", type=Path, dest="json_path", help="also write the summary as JSON")
     p.add_argument("--processes", type=int, help="fleet processes, devices split by index (default: 1)")
+    p.add_argument("--lwm2m-share", type=float, dest="lwm2m_share",
+                   help="share of the fleet that speaks LwM2M (Register, Send) instead of /up "
+                        "(default: [sim] lwm2m_share; the gateway needs [lwm2m] enabled, allow_nosec)")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.add_argument("--make-registry", type=int, metavar="N",
                    help="write a registry of N devices to --out and exit (no simulation)")
@@ -170,7 +173,12 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    from gateway.tools.demo import DEFAULT_DEVICES, DEFAULT_DURATION_S, DEFAULT_INTERVAL_S
+    from gateway.tools.demo import (
+        DEFAULT_DEVICES,
+        DEFAULT_DURATION_S,
+        DEFAULT_INTERVAL_S,
+        DEFAULT_LWM2M_SHARE,
+    )
 
     p.add_argument("--config", "-c", type=Path, default=None,
                    help="config to derive the demo's from (default: the shipped gateway.toml)")
@@ -184,6 +192,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--json", type=Path, dest="json_path", help="also write the summary as JSON")
     p.add_argument("--processes", type=int, help="fleet processes, devices split by index (default: 1)")
+    p.add_argument("--lwm2m-share", type=float, dest="lwm2m_share", default=DEFAULT_LWM2M_SHARE,
+                   help="share of the fleet that speaks LwM2M (queue mode, Send) instead of /up; "
+                        "the demo's gateway enables [lwm2m] for them (default: %(default)s)")
 
 
 def _load(path: Path) -> tuple[object, object]:
@@ -328,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.config, devices=args.devices, duration_s=args.duration_s,
                         interval_s=args.interval_s, profile=args.profile, seed=args.seed,
-                        json_path=args.json_path, processes=args.processes)
+                        json_path=args.json_path, processes=args.processes,
+                        lwm2m_share=args.lwm2m_share)
     if args.command == "bench":
         return cmd_bench(args)
     if args.command == "soak":
@@ -383,6 +395,6 @@ def cmd_sim(args: argparse.Namespace) -> int:
                                              args.interval_s)
     overrides = {k: getattr(args, k) for k in (
         "devices", "interval_s", "duration_s", "profile", "seed", "faulty_share", "host", "port",
-        "processes")}
+        "processes", "lwm2m_share")}
     return command.run_command(args.config, overrides, args.json_path,
                                show_progress=not args.no_progress)

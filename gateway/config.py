@@ -262,6 +262,13 @@ class SimSection(Section):
     # A self-test: every second, each fleet process busy-waits this long on its event loop,
     # as an overloaded simulator would (the summary must then call its latencies distorted).
     loop_stall_ms: Annotated[float, Field(ge=0, lt=1000)] = 0.0
+    # LwM2M devices (queue mode, Send on /dp): this share of the fleet, drawn among the
+    # devices whose type maps every field to a resource ([types.X.lwm2m] fields). The
+    # gateway must have [lwm2m] enabled (and allow_nosec: the simulator speaks plain UDP).
+    lwm2m_share: Share = 0.0
+    # How long an LwM2M device listens after its last datagram; None: the lwm2m.awake_s of
+    # the gateway's config (the gateway sends queued requests that long after it spoke).
+    lwm2m_listen_s: Annotated[float, Field(gt=0, le=600)] | None = None
 
     @model_validator(mode="after")
     def _some_coverage(self) -> SimSection:

@@ -91,3 +91,19 @@ make_venv() {
         touch "$stamp"
     fi
 }
+
+# npm peers for the interop tests, in $ROOT/.node (never global): lwm2m-node-lib, a real
+# third-party LwM2M 1.0 client (tests/test_lwm2m_interop.py). Node from Debian (nodejs,
+# npm) unless the machine has one; a second run installs nothing.
+NODE_PEERS=("lwm2m-node-lib@1")
+npm_peers() {
+    command -v node >/dev/null 2>&1 || apt_install nodejs
+    command -v npm >/dev/null 2>&1 || apt_install npm
+    local stamp="$ROOT/.node/.installed-${NODE_PEERS[*]// /,}"
+    [ -f "$stamp" ] && return 0
+    echo "bootstrap: installing npm peers into $ROOT/.node: ${NODE_PEERS[*]}" >&2
+    mkdir -p "$ROOT/.node"
+    npm install --prefix "$ROOT/.node" --no-audit --no-fund --no-save --loglevel=error \
+        "${NODE_PEERS[@]}" >/dev/null
+    touch "$stamp"
+}

@@ -25,6 +25,9 @@ from gateway.tools.localstack import StackError
 DEFAULT_DEVICES = 10_000
 DEFAULT_DURATION_S = 60.0
 DEFAULT_INTERVAL_S = 5.0
+# A fifth of the fleet speaks LwM2M (half the climate sensors, the type that maps its
+# fields to IPSO resources): queue mode, Send on /dp, the gateway's requests answered.
+DEFAULT_LWM2M_SHARE = 0.2
 DEMO_DRAIN_S = 15.0  # a demo ends within a minute or so; a longer straggler is "unfinished"
 # Unlimited queues: the simulator's witness must see every message, however busy.
 MOSQUITTO_CONF = ("max_queued_messages 1000000", "max_inflight_messages 0")
@@ -42,14 +45,17 @@ class DemoStack:
 
 
 def start_stack(config: Path, workdir: Path, registry: Path,
-                stack: contextlib.ExitStack) -> DemoStack:
+                stack: contextlib.ExitStack, *, lwm2m: bool = False) -> DemoStack:
     """mosquitto and the gateway (`config` pointed at `workdir` and loopback ports of their
-    own), the gateway ready (/readyz); both stopped when `stack` closes."""
+    own), the gateway ready (/readyz); both stopped when `stack` closes. With `lwm2m`, the
+    gateway serves LwM2M too, NoSec allowed: it listens on loopback only."""
     broker = stack.enter_context(localstack.mosquitto(workdir, MOSQUITTO_CONF))
     coap_port, metrics_port = localstack.free_port(socket.SOCK_DGRAM), localstack.free_port()
     env = localstack.gateway_env(broker_port=broker.port, coap_port=coap_port,
                                  metrics_port=metrics_port, spool=workdir / "spool.sqlite",
                                  registry=registry)
+    if lwm2m:
+        env |= {"NBIOT_LWM2M__ENABLED": "true", "NBIOT_LWM2M__ALLOW_NOSEC": "true"}
     gateway = stack.enter_context(localstack.gateway(
         env, workdir / "gateway.log", lambda: localstack.gateway_ready(metrics_port),
         "the gateway to be ready (/readyz)", config))
@@ -81,7 +87,7 @@ def format_gateway_metrics(m: dict[str, float]) -> str:
 
 def run_demo(config: Path | None, *, devices: int, duration_s: float, interval_s: float,
              profile: str = "steady", seed: int | None = None, json_path: Path | None = None,
-             processes: int | None = None) -> int:
+             processes: int | None = None, lwm2m_share: float = DEFAULT_LWM2M_SHARE) -> int:
     from gateway.config import load_config
     from gateway.errors import ConfigError
     from gateway.pipeline.registry import load_registry
@@ -105,7 +111,7 @@ def run_demo(config: Path | None, *, devices: int, duration_s: float, interval_s
             print(f"demo: {devices} devices, a report every {interval_s:g} s each "
                   f"(~{devices / interval_s:.0f}/s), for {duration_s:g} s; profile {profile}",
                   file=sys.stderr)
-            local = start_stack(config, workdir, registry_path, stack)
+            local = start_stack(config, workdir, registry_path, stack, lwm2m=lwm2m_share > 0)
             broker_port, coap_port, metrics_port = (local.broker.port, local.coap_port,
                                                     local.metrics_port)
             gateway = local.gateway
@@ -117,11 +123,13 @@ def run_demo(config: Path | None, *, devices: int, duration_s: float, interval_s
                 "mqtt": settings.mqtt.model_copy(update={"host": "127.0.0.1", "port": broker_port}),
                 "metrics": settings.metrics.model_copy(update={
                     "enabled": True, "bind": "127.0.0.1", "port": metrics_port}),
+                "lwm2m": settings.lwm2m.model_copy(update={
+                    "enabled": lwm2m_share > 0, "allow_nosec": lwm2m_share > 0}),
             })
             sim = sim_section(settings.sim, {
                 "devices": devices, "interval_s": interval_s, "duration_s": duration_s,
                 "profile": profile, "seed": seed, "host": "127.0.0.1", "port": coap_port,
-                "processes": processes,
+                "processes": processes, "lwm2m_share": lwm2m_share,
                 "drain_s": min(settings.sim.drain_s, DEMO_DRAIN_S)})
             registry = load_registry(registry_path, settings.types)
             summary = asyncio.run(simulate(demo_settings, registry, sim, Progress()))

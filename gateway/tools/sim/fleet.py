@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import math
@@ -26,6 +27,7 @@ from gateway.pipeline.registry import Device
 from gateway.tools.sim import payloads
 from gateway.tools.sim.exchange import Exchange, Link, Outcome, encode_request, request_options
 from gateway.tools.sim.ledger import Ledger
+from gateway.tools.sim.lwm2m import SEND_FORMATS, Lwm2mDevice, Lwm2mType, encode_send
 from gateway.tools.sim.payloads import (
     ALWAYS_FAULTY,
     INTERMITTENT_FAULT_PROBABILITY,
@@ -39,6 +41,7 @@ from gateway.tools.sim.radio import Coverage
 # seqs are above an earlier run's and the gateway's (device, seq) dedup never mistakes a
 # new report for an old one (as long as a device sends under 1,000 reports a second).
 SEQ_EPOCH_MS = 1_700_000_000_000
+DEFAULT_LISTEN_S = 20.0  # the gateway's default lwm2m.awake_s
 FAULTY_SHARE = {"steady": 0.01, "storm": 0.01, "faulty": 0.3}
 # Device wakes due within one tick share a loop timer: a wake is up to this late, against
 # radio latencies of 80 ms to 3 s. One timer per device cost a loop iteration per report
@@ -80,6 +83,8 @@ class SimDevice:
     handle: asyncio.TimerHandle | None = None  # a retry after 5.03 / 4.29 (Max-Age)
     ticking: bool = False  # its next wake waits in the Fleet's ticks
     unconfirmed_command: str | None = None  # applied, to be confirmed in the next report
+    speaks_lwm2m: bool = False  # chosen to be an LwM2M device (Register, Send on /dp), not /up
+    lwm2m: Lwm2mDevice | None = None  # its LwM2M side, made with the Fleet
 
 
 def source_address(target_host: str, index: int, mode: str) -> str:
@@ -118,6 +123,7 @@ def build_devices(
     units = {name: {f: s.unit for f, s in spec.fields.items()} for name, spec in types.items()}
     fleet: list[SimDevice] = []
     fault_counter = 0
+    lwm2m_idx = lwm2m_devices(registry_devices, types, faulty_idx, sim.lwm2m_share, rng)
     for i, dev in enumerate(registry_devices):
         spec = types[dev.device_type]
         fault: Fault | None = None
@@ -146,7 +152,24 @@ def build_devices(
             request_options=request_options(device_id, token, content_format),
             encoder=ReportEncoder(content_format, device_id, units[dev.device_type]),
         ))
+        if i in lwm2m_idx:
+            fleet[-1].speaks_lwm2m = True
+            fleet[-1].content_format = rng.choice(SEND_FORMATS)
+            fleet[-1].seq = 0  # the last Send's reading time in ms
     return fleet
+
+
+def lwm2m_devices(registry_devices: Sequence[Device], types: dict[str, DeviceType],
+                  faulty_idx: set[int], share: float, rng: random.Random) -> set[int]:
+    """Which devices speak LwM2M: `share` of the fleet, drawn among the healthy devices of
+    the types that map their fields to LwM2M resources (`[types.X.lwm2m] fields`); fewer
+    when there are not that many."""
+    if share <= 0:
+        return set()
+    eligible = [i for i, dev in enumerate(registry_devices) if i not in faulty_idx
+                and (spec := types[dev.device_type].lwm2m) is not None
+                and set(spec.fields) == set(types[dev.device_type].fields)]
+    return set(rng.sample(eligible, min(len(eligible), round(len(registry_devices) * share))))
 
 
 class Fleet:
@@ -173,14 +196,26 @@ class Fleet:
         self.awake = 0
         self.awake_peak = 0
         self.waiting: deque[SimDevice] = deque()
-        self.exchanges: set[Exchange] = set()
+        self.exchanges: set[Exchange | Lwm2mDevice] = set()
         self.stopping = False
         self._idle = asyncio.Event()
         self._end_at = float("inf")
         self._ticks: dict[int, list[SimDevice]] = {}  # tick number -> devices waking then
         self._tick_timers: dict[int, asyncio.TimerHandle] = {}
+        kinds: dict[str, Lwm2mType] = {}
+        listen_s = sim.lwm2m_listen_s if sim.lwm2m_listen_s is not None else DEFAULT_LISTEN_S
         for device in devices:
-            ledger.first_seq(device.device_id, device.seq)
+            if not device.speaks_lwm2m:
+                ledger.first_seq(device.device_id, device.seq)
+                continue
+            ledger.sparse_seqs(device.device_id)
+            kind = kinds.get(device.device_type)
+            if kind is None:
+                spec = types[device.device_type].lwm2m
+                assert spec is not None
+                kind = kinds[device.device_type] = Lwm2mType.of(spec.fields)
+            device.lwm2m = Lwm2mDevice(device, kind, device.content_format, link, ledger, listen_s)
+            device.lwm2m.on_interval = functools.partial(self._interval_changed, device)
 
     # -- the run ---------------------------------------------------------------------
     def start(self, duration_s: float) -> None:
@@ -222,6 +257,9 @@ class Fleet:
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
         for exchange in list(self.exchanges):
             exchange.finish(Outcome.ABORTED)
+        for device in self.devices:
+            if device.lwm2m is not None:
+                device.lwm2m.close()  # listening still: the run is over
 
     def _abandon(self, device: SimDevice) -> None:
         report, device.report = device.report, None
@@ -258,6 +296,8 @@ class Fleet:
         self._begin(device)
 
     def _new_report(self, device: SimDevice) -> Report:
+        if device.lwm2m is not None:
+            return self._new_lwm2m_report(device, device.lwm2m)
         seq = device.seq
         device.seq += 1
         now_s = time.time()
@@ -276,11 +316,24 @@ class Fleet:
             payload = payloads.oversized(payload, self.max_payload_bytes)
         return Report(seq, device.content_format, payload, fault, ack)
 
+    def _new_lwm2m_report(self, device: SimDevice, lwm2m: Lwm2mDevice) -> Report:
+        """A Send: its seq is the reading time in ms, as the gateway makes it from `bt`
+        (one ms past the last one at least, so two reports never share a seq)."""
+        now_s = time.time()
+        seq = device.seq = max(int(now_s * 1000), device.seq + 1)
+        values = device.sensor.read(now_s)
+        lwm2m.readings = values
+        return Report(seq, device.content_format,
+                      encode_send(lwm2m.kind, device.content_format, seq, values), None)
+
     def _begin(self, device: SimDevice) -> None:
         report = device.report
         assert report is not None
         self.awake += 1
         self.awake_peak = max(self.awake_peak, self.awake)
+        if device.lwm2m is not None:
+            self._begin_lwm2m(device, device.lwm2m, report)
+            return
         device.mid = (device.mid + 1) & 0xFFFF
         token = self.rng.getrandbits(32).to_bytes(4, "big")
         request = encode_request(device.mid, token, device.request_options, report.payload)
@@ -295,7 +348,17 @@ class Fleet:
             self.ledger.report_sent((device.device_id, report.seq), exchange.started_at,
                                     report.fault)
 
-    def _done(self, device: SimDevice, exchange: Exchange) -> None:
+    def _begin_lwm2m(self, device: SimDevice, lwm2m: Lwm2mDevice, report: Report) -> None:
+        def sent() -> None:  # its Send's first transmission (after a Register or Update)
+            if not report.announced:
+                report.announced = True
+                self.ledger.report_sent((device.device_id, report.seq), lwm2m.started_at, None,
+                                        lwm2m=True)
+
+        self.exchanges.add(lwm2m)
+        lwm2m.report(report.payload, sent, lambda ex: self._done(device, ex))
+
+    def _done(self, device: SimDevice, exchange: Exchange | Lwm2mDevice) -> None:
         self.awake -= 1
         self.exchanges.discard(exchange)
         ledger = self.ledger
@@ -356,6 +419,23 @@ class Fleet:
             device.interval_s = float(interval)
         device.unconfirmed_command = command["id"]
         self.ledger.downlinks_applied += 1
+
+    def _interval_changed(self, device: SimDevice) -> None:
+        """A Write of the interval: a next report scheduled further out than the new
+        interval comes earlier (pmax: the longest the device may stay silent)."""
+        soonest = self.loop.time() + device.interval_s
+        if not device.ticking or device.report is not None or device.next_at <= soonest:
+            return  # a report in flight (or a retry): the next one is scheduled from its end
+        tick = math.ceil(device.next_at / TICK_S)
+        waking = self._ticks.get(tick)
+        if waking is None or device not in waking:
+            return
+        waking.remove(device)
+        if not waking:
+            del self._ticks[tick]
+            self._tick_timers.pop(tick).cancel()
+        device.next_at = soonest
+        self._wake_at(device)
 
     def _schedule_next(self, device: SimDevice, now: float) -> None:
         if self.stopping:

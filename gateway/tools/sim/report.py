@@ -98,6 +98,17 @@ class Summary:
     gateway_cpu_s: float | None = None
     gateway_cpu_per_uplink_us: float | None = None
     notes: list[str] = field(default_factory=list)
+    # LwM2M devices (sim.lwm2m_share): their reports are in the figures above too.
+    lwm2m_devices: int = 0
+    lwm2m_sent: int = 0
+    lwm2m_acked: int = 0
+    lwm2m_delivered: int = 0
+    lwm2m_lost: int = 0
+    lwm2m_registers: int = 0
+    lwm2m_updates: int = 0
+    lwm2m_refused: dict[str, int] = field(default_factory=dict)
+    lwm2m_requests: dict[str, int] = field(default_factory=dict)
+    lwm2m_interval_writes: int = 0
 
     def __post_init__(self) -> None:
         lag_p99 = max(self.fleet_lag_ms["p99"] or 0.0, self.witness_lag_ms["p99"] or 0.0)
@@ -143,6 +154,15 @@ class Summary:
             fault_answers={str(k): dict(v) for k, v in sorted(ledger.fault_answers.items())},
             expected_rejected_by_code=dict(sorted(expected.items())),
             dead_letters_by_reason=dict(sorted(ledger.dead_letters_by_reason.items())),
+            lwm2m_sent=ledger.lwm2m_sent,
+            lwm2m_acked=ledger.lwm2m_acked,
+            lwm2m_delivered=ledger.lwm2m_delivered,
+            lwm2m_lost=ledger.lwm2m_lost,
+            lwm2m_registers=ledger.lwm2m_registers,
+            lwm2m_updates=ledger.lwm2m_updates,
+            lwm2m_refused=dict(sorted(ledger.lwm2m_refused.items())),
+            lwm2m_requests=dict(sorted(ledger.lwm2m_requests.items())),
+            lwm2m_interval_writes=ledger.lwm2m_interval_writes,
             **run,
         )
 
@@ -216,6 +236,17 @@ class Summary:
             ("awake peak", f"{self.awake_peak} devices (cap {self.max_awake})"),
             *self._cost_rows(),
         ]
+        if self.lwm2m_devices:
+            rows.append(("lwm2m", f"{self.lwm2m_devices} devices: {self.lwm2m_sent} Sends, "
+                                  f"{self.lwm2m_acked} acked, {self.lwm2m_delivered} delivered, "
+                                  f"lost {self.lwm2m_lost}; {self.lwm2m_registers} Registers, "
+                                  f"{self.lwm2m_updates} Updates"))
+            if self.lwm2m_requests or self.lwm2m_refused:
+                rows.append(("  gateway asked", counts(self.lwm2m_requests) + (
+                    f"  (interval writes applied {self.lwm2m_interval_writes})"
+                    if self.lwm2m_interval_writes else "")))
+            if self.lwm2m_refused:
+                rows.append(("  refused", counts(self.lwm2m_refused)))
         if self.downlinks_applied:
             rows.append(("downlinks", f"{self.downlinks_applied} commands applied and confirmed "
                                       "in the next report"))

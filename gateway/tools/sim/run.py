@@ -70,6 +70,11 @@ async def simulate(
         raise ConfigError([f"sim.devices: {count} devices asked for, but the registry "
                            f"{registry.source} has {len(rows)}; make a bigger one with "
                            f"`nbiot-gateway sim --make-registry {count} --out FILE`"])
+    if sim.lwm2m_share > 0 and not (settings.lwm2m.enabled and settings.lwm2m.allow_nosec):
+        raise ConfigError(["sim.lwm2m_share: the simulator's LwM2M devices register over plain "
+                           "UDP: the gateway needs [lwm2m] enabled = true and allow_nosec = true"])
+    if sim.lwm2m_listen_s is None:  # listen as long as the gateway holds its requests
+        sim = sim.model_copy(update={"lwm2m_listen_s": settings.lwm2m.awake_s})
     seed = sim.seed if sim.seed is not None else random.SystemRandom().randrange(2**31)
     family, target = resolve_target(sim.host, sim.port or settings.coap.port)
     shares = split_by_index(rows[:count], min(sim.processes, count))
@@ -226,6 +231,7 @@ def summarize(results: list[ShardResult], witness: WitnessStats, run: Run, *, co
         duration_s=sim.duration_s,
         interval_s=sim.interval_s,
         faulty_devices=sum(r.faulty_devices for r in results),
+        lwm2m_devices=sum(r.lwm2m_devices for r in results),
         awake_peak=sum(r.awake_peak for r in results),
         max_awake=sum(r.max_awake for r in results),
         elapsed_s=round(elapsed_s, 2),

@@ -58,6 +58,7 @@ class ShardSpec:
 class ShardResult:
     ledger: Ledger  # sealed
     faulty_devices: int
+    lwm2m_devices: int
     awake_peak: int
     max_awake: int
     lag_ms: list[float]
@@ -108,7 +109,6 @@ class Shard:
         self.rng = random.Random(f"{spec.seed}:{spec.index}")
         self.loop = asyncio.get_running_loop()
         fd_limit = raise_fd_limit()
-        self.max_awake = max(1, min(spec.max_awake, fd_limit - FD_RESERVE))
         link = Link(self.loop, spec.target, spec.family,
                     Radio(self.rng, loss_up=sim.loss_up, loss_down=sim.loss_down,
                           latency_scale=sim.latency_scale),
@@ -116,6 +116,9 @@ class Shard:
         self.ledger = Ledger()
         self.devices = build_devices(spec.devices, spec.types, sim, self.rng, now_s=time.time(),
                                      first_index=spec.first_index)
+        # An LwM2M device may hold its socket while it listens, outside the awake cap.
+        listening = sum(1 for d in self.devices if d.speaks_lwm2m)
+        self.max_awake = max(1, min(spec.max_awake, fd_limit - FD_RESERVE - listening))
         self.fleet = Fleet(self.devices, link, self.ledger, sim, spec.types,
                            max_awake=self.max_awake, max_payload_bytes=spec.max_payload_bytes)
         self.lag = LagMonitor(stall_ms=sim.loop_stall_ms)
@@ -145,6 +148,7 @@ class Shard:
         return ShardResult(
             ledger=ledger,
             faulty_devices=sum(1 for d in self.devices if d.fault is not None),
+            lwm2m_devices=sum(1 for d in self.devices if d.speaks_lwm2m),
             awake_peak=fleet.awake_peak,
             max_awake=self.max_awake,
             lag_ms=self.lag.samples_ms.tolist(),
