@@ -329,3 +329,23 @@ async def test_an_empty_ack_then_a_separate_response_completes_the_request() -> 
     assert (await done) is response
     assert wire.decode(sent[-1]).mtype == C.ACK  # the separate CON response was ACKed
     assert not requester.received(wire.Message(C.CON, C.CONTENT, 100, b"zz"), ("127.0.0.1", 9))
+
+
+def test_sends_acked_while_the_broker_is_down_survive_kill_9_and_arrive(
+        lwm2m_gateway: Gateway, broker: Broker, subscribe: Callable[[str], Subscription]) -> None:
+    with Device(lwm2m_gateway.coap_port) as device:
+        assert device.register(query="lt=300&lwm2m=1.1&b=U").code == aiocoap.CREATED
+        broker.stop()
+        acked = []
+        for i in range(20):
+            at = 1_796_000_400 + i
+            reply = device.send_readings([{"n": "/3303/0/5700", "v": 20.0 + i / 10, "t": at}],
+                                         112 if i % 2 else 110)
+            assert reply.code == aiocoap.CHANGED, reply.payload  # durable on disk, not on MQTT
+            acked.append(at * 1000)
+        lwm2m_gateway.kill()
+        broker.start()
+        sub = subscribe(f"{UP}/up")
+        lwm2m_gateway.start()
+        got = sorted(m["seq"] for m in sub.wait_count(20))
+    assert got == acked
