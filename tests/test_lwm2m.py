@@ -274,30 +274,90 @@ def test_deregister_and_an_expired_lifetime_make_the_device_offline(
     assert gw.metric("nbiot_gateway_lwm2m_registrations_expired_total") == 1
 
 
+def _mutated(rng: random.Random, good: bytes) -> bytes:
+    """`good` with a few bytes flipped, cut or repeated: near-valid input reaches deeper."""
+    data = bytearray(good)
+    for _ in range(rng.randint(1, 4)):
+        where = rng.randrange(len(data)) if data else 0
+        choice = rng.random()
+        if choice < 0.4 and data:
+            data[where] = rng.randrange(256)
+        elif choice < 0.7:
+            del data[where:where + rng.randint(1, 8)]
+        else:
+            data[where:where] = data[where:where + rng.randint(1, 16)]
+    return bytes(data)
+
+
 def test_garbage_on_the_lwm2m_paths_never_stalls_the_gateway(lwm2m_gateway: Gateway) -> None:
+    """Random and near-valid registrations, Sends from the registered address (they reach
+    the decoders and the pipeline) and notifications on a live observation token: every
+    one answered or dropped, no internal error logged, a good Register still served."""
     rng = random.Random(12)
+    good_sends = [
+        (110, json.dumps([{"bn": "/3303/0/", "n": "5700", "v": 21.5, "t": 1_796_000_000},
+                          {"n": "/3/0/9", "v": 87}]).encode()),
+        (112, cbor2.dumps([{-2: "/3303/0/", 0: "5700", 2: 21.5, -3: 1_796_000_001}])),
+        (11544, cbor2.dumps({3303: {0: {5700: 21.5}}, 3304: {0: {5700: 40.0}}})),
+    ]
+    good_notifications = [(0, b"21.5"), (11542, bytes.fromhex("c800144166")), (60, cbor2.dumps(21.5)),
+                          (42, b"\x01\x02")]
     with Device(lwm2m_gateway.coap_port) as device:
-        for i in range(400):
-            options = [(C.URI_PATH, p.encode()) for p in rng.choice(
-                [["rd"], ["dp"], ["rd", TH.device_id], ["rd", "x" * rng.randint(0, 300)]])]
-            options += [(C.URI_QUERY, rng.randbytes(rng.randint(0, 40)))
-                        for _ in range(rng.randint(0, 4))]
-            if rng.random() < 0.5:
-                options.append((C.CONTENT_FORMAT, wire.uint_value(rng.choice(
-                    [0, 40, 42, 60, 110, 112, 11542, 11544, 65000]))))
-            payload = rng.randbytes(rng.randint(0, 600))
-            code = rng.choice([C.GET, C.POST, C.PUT, C.DELETE, C.CONTENT, C.CHANGED])
-            mtype = rng.choice([C.CON, C.NON, C.ACK, C.RST])
-            device.send(wire.encode(wire.Message(mtype, code, i, b"t", options, payload)))
-        # still serving: a good registration gets its 2.01
-        device.sock.settimeout(0.2)
-        while True:
+        assert device.register(query="lt=300&lwm2m=1.0&b=U").code == aiocoap.CREATED
+        observe = device.next_request()
+        device.answer(observe, aiocoap.CONTENT, b"21.5", 0, observe=1)
+        for i in range(600):
+            if i % 40 == 39:  # back in, if a garbage De-register took it out
+                device.register(query="lt=300&lwm2m=1.1&b=U")
+            kind = rng.random()
+            token = rng.randbytes(rng.randint(0, 8))
+            options: list[tuple[int, bytes]] = []
+            if kind < 0.3:  # a Send from the registered address
+                cf, good = rng.choice(good_sends)
+                cf = cf if rng.random() < 0.8 else rng.choice([0, 40, 42, 60, 11542, 65000])
+                options = [(C.URI_PATH, b"dp"), (C.CONTENT_FORMAT, wire.uint_value(cf))]
+                payload = _mutated(rng, good) if rng.random() < 0.8 else rng.randbytes(200)
+                msg = wire.Message(C.CON, C.POST, i, token, options, payload)
+            elif kind < 0.55:  # a notification on the live observation
+                cf, good = rng.choice(good_notifications)
+                options = [(C.OBSERVE, wire.uint_value(i + 2)),
+                           (C.CONTENT_FORMAT, wire.uint_value(cf))]
+                msg = wire.Message(rng.choice([C.CON, C.NON]), rng.choice([C.CONTENT, C.CHANGED,
+                                   C.NOT_FOUND]), i, observe.token, options,
+                                   _mutated(rng, good) if rng.random() < 0.7 else b"")
+            elif kind < 0.75:  # a Register or Update, near-valid
+                path = rng.choice([["rd"], ["rd", TH.device_id], ["rd", "x" * rng.randint(0, 300)]])
+                options = [(C.URI_PATH, p.encode()) for p in path]
+                options += [(C.URI_QUERY, q) for q in rng.sample(
+                    [f"ep={TH.device_id}".encode(), b"lt=" + str(rng.randint(-5, 10**7)).encode(),
+                     rng.choice([b"b=U", b"b=UQ", b"b=", b"b=Z", b"Q"]),
+                     rng.choice([b"lwm2m=1.0", b"lwm2m=1.1", b"lwm2m=9"]), rng.randbytes(12)],
+                    rng.randint(0, 5))]
+                payload = _mutated(rng, OBJECTS) if rng.random() < 0.7 else rng.randbytes(300)
+                method = rng.choices([C.POST, C.DELETE, C.PUT], [17, 2, 1])[0]  # a few leave
+                msg = wire.Message(C.CON, method, i, token, options, payload)
+            else:  # anything at all on the LwM2M paths
+                options = [(C.URI_PATH, p.encode()) for p in rng.choice([["rd"], ["dp"]])]
+                options += [(C.URI_QUERY, rng.randbytes(rng.randint(0, 40)))
+                            for _ in range(rng.randint(0, 4))]
+                msg = wire.Message(rng.choice([C.CON, C.NON, C.ACK, C.RST]),
+                                   rng.choice([C.GET, C.POST, C.CONTENT, C.EMPTY]), i, token,
+                                   options, rng.randbytes(rng.randint(0, 600)))
+            if msg.code == C.EMPTY:
+                msg = wire.Message(msg.mtype, C.EMPTY, i)
+            device.send(wire.encode(msg))
+        device.sock.settimeout(0.5)
+        while True:  # let the gateway catch up; answer nothing
             try:
                 device.sock.recvfrom(65535)
             except TimeoutError:
                 break
         assert device.register().code == aiocoap.CREATED
     assert lwm2m_gateway.proc is not None and lwm2m_gateway.proc.poll() is None
+    log = lwm2m_gateway.log_path.read_text()
+    assert "Traceback" not in log and "level=ERROR" not in log, log[-3000:]
+    assert lwm2m_gateway.metric("nbiot_gateway_uplinks_rejected_total",
+                                {"reason": "internal_error"}) == 0
 
 
 async def test_a_request_the_device_never_answers_ends_unanswered() -> None:
