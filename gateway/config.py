@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from gateway.errors import ConfigError
+from gateway.ingest.lwm2m.paths import PathError, parse_path  # pure: no I/O, no imports
 
 Port = Annotated[int, Field(ge=1, lt=65536)]
 PortOrAny = Annotated[int, Field(ge=0, lt=65536)]
@@ -290,7 +291,13 @@ class FieldSpec(Section):
         return self
 
 
-LWM2M_PATH = re.compile(r"^/\d{1,5}/\d{1,5}/\d{1,5}(/\d{1,5})?$")  # a resource (instance)
+def _lwm2m_path(path: str, levels: range) -> tuple[int, ...] | None:
+    """`path` parsed as the LwM2M server parses it, if it has that many levels."""
+    try:
+        parsed = parse_path(path)
+    except PathError:
+        return None
+    return parsed if len(parsed) in levels else None
 
 
 class Lwm2mType(Section):
@@ -303,15 +310,17 @@ class Lwm2mType(Section):
 
     @model_validator(mode="after")
     def _paths(self) -> Lwm2mType:
+        resources = set()
         for name, path in self.fields.items():
-            if not LWM2M_PATH.match(path) or max(map(int, path[1:].split("/"))) > 65535:
+            resource = _lwm2m_path(path, range(3, 5))  # a resource or a resource instance
+            if resource is None:
                 raise ValueError(f"fields.{name}: {path!r} is not a resource path like "
                                  "/3303/0/5700")
-        if len(set(self.fields.values())) != len(self.fields):
+            resources.add(resource)
+        if len(resources) != len(self.fields):
             raise ValueError("fields: two fields map the same resource")
         for path in self.observe:
-            parts = path[1:].split("/") if path.startswith("/") else ["x"]
-            if not 1 <= len(parts) <= 3 or not all(p.isdigit() and int(p) <= 65535 for p in parts):
+            if _lwm2m_path(path, range(1, 4)) is None:
                 raise ValueError(f"observe: {path!r} is not an object, instance or resource "
                                  "path like /3303/0")
         return self

@@ -274,9 +274,7 @@ class DtlsServer:
 
         if path and path[0] in LWM2M_ROOTS and self.lwm2m is not None:
             if self.oversized(request):
-                self._sink.reject(uplink, UplinkRejected(
-                    C.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
-                    f"max {self._max_payload} bytes"), reply)
+                self._sink.reject(uplink, self._too_large(), reply)
             else:
                 self.lwm2m.request(int(request.code), _sockaddr(request.remote), list(path),
                                    list(request.opt.uri_query), uplink.content_format,
@@ -307,9 +305,12 @@ class DtlsServer:
         if request.code not in (Code.POST, Code.PUT):
             return UplinkRejected(C.METHOD_NOT_ALLOWED, "method_not_allowed", "use POST or PUT")
         if self.oversized(request):
-            return UplinkRejected(C.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
-                                  f"max {self._max_payload} bytes")
+            return self._too_large()
         return None
+
+    def _too_large(self) -> UplinkRejected:
+        return UplinkRejected(C.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
+                              f"max {self._max_payload} bytes")
 
     def _response(self, verdict: Verdict) -> aiocoap.Message:
         response = aiocoap.Message(code=Code(verdict.code), payload=verdict.payload)

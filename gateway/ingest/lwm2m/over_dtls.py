@@ -21,7 +21,7 @@ from aiocoap.numbers.codes import Code
 
 from gateway.ingest.coap import numbers as C
 from gateway.ingest.coap import wire
-from gateway.ingest.lwm2m.requests import Done, Notify
+from gateway.ingest.lwm2m.requests import Done, Notify, no_ack
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ class DtlsRequester:
             return
         self._observations[response.token] = request.observation
         address = (str(getattr(remote, "hostinfo", "")), 0)
-        on_notify(response, address, _no_ack)  # the first answer carries a reading too
+        on_notify(response, address, no_ack)  # the first answer carries a reading too
         try:
             async for notification in request.observation:
-                on_notify(_as_wire(notification), address, _no_ack)
+                on_notify(_as_wire(notification), address, no_ack)
         except Exception as e:  # the session ended, or the device cancelled
             log.info("lwm2m: observation over coaps of %s ended: %s",
                      getattr(remote, "hostinfo", remote), e)
@@ -111,7 +111,3 @@ def _call(done: Callable[[wire.Message | None], None], response: wire.Message | 
         done(response)
     except Exception:
         log.exception("callback of a request over coaps failed")
-
-
-def _no_ack() -> None:
-    pass

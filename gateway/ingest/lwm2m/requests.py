@@ -144,12 +144,12 @@ class Requester:
                 exchange.timer = asyncio.get_running_loop().call_later(
                     SEPARATE_RESPONSE_S, self._timed_out, exchange)
             else:
-                self._answered(exchange, msg, addr, _no_ack)
+                self._answered(exchange, msg, addr, no_ack)
             return True
         exchange = self._by_token.get(msg.token)
         if exchange is None:
             return False  # the CoAP server RSTs a CON it cannot place (RFC 7641 3.6)
-        ack = _no_ack
+        ack = no_ack
         if msg.mtype == C.CON:
             key = (addr[:2], msg.mid)
             cached = self._notified.get(key)
@@ -191,5 +191,5 @@ def _ignore(_: wire.Message | None) -> None:
     pass
 
 
-def _no_ack() -> None:
-    pass
+def no_ack() -> None:
+    """The ack of a notification that came NON (or over coaps, where aiocoap ACKs)."""

@@ -107,7 +107,8 @@ class Lwm2mServer:
                 content_format: int | None, payload: bytes, uplink: Uplink, reply: Reply,
                 dtls_remote: object | None = None) -> None:
         # The device it is about, as far as the request says, for the dead letters.
-        named = (_params(query).get("ep", "") if path == ["rd"]
+        params = _params(query)
+        named = (params.get("ep", "") if path == ["rd"]
                  else path[1] if len(path) == 2 and path[0] == "rd" else "")
         secure = dtls_remote is not None
         uplink = dataclasses.replace(uplink, transport=TRANSPORT_DTLS if secure else TRANSPORT,
@@ -116,9 +117,9 @@ class Lwm2mServer:
             if secure and uplink.peer_identity is not None:
                 self._remotes[uplink.peer_identity] = dtls_remote
             if path == ["rd"] and code == C.POST:
-                self._register(query, payload, addr, uplink, reply)
+                self._register(params, payload, addr, uplink, reply)
             elif len(path) == 2 and path[0] == "rd" and code in (C.POST, C.DELETE):
-                self._update(path[1], code == C.DELETE, query, payload, addr, uplink, reply)
+                self._update(path[1], code == C.DELETE, params, payload, addr, uplink, reply)
             elif path == ["dp"] and code == C.POST:
                 self._send(content_format, payload, addr, uplink, reply)
             elif (path[0] == "rd" and len(path) <= 2) or path == ["dp"]:
@@ -130,9 +131,8 @@ class Lwm2mServer:
         except UplinkRejected as rejection:
             self._sink.reject(uplink, rejection, reply)
 
-    def _register(self, query: list[str], payload: bytes, addr: Address, uplink: Uplink,
+    def _register(self, params: dict[str, str], payload: bytes, addr: Address, uplink: Uplink,
                   reply: Reply) -> None:
-        params = _params(query)
         endpoint = params.get("ep")
         if not endpoint:
             raise self._refused("register", C.BAD_REQUEST, "bad_registration",
@@ -171,7 +171,7 @@ class Lwm2mServer:
 
         self._registrations.put(registration, stored)
 
-    def _update(self, location: str, deregister: bool, query: list[str], payload: bytes,
+    def _update(self, location: str, deregister: bool, params: dict[str, str], payload: bytes,
                 addr: Address, uplink: Uplink, reply: Reply) -> None:
         op = "deregister" if deregister else "update"
         old = self._registrations.get(location)
@@ -193,7 +193,6 @@ class Lwm2mServer:
 
             self._registrations.remove(location, removed)
             return
-        params = _params(query)
         lifetime = self._lifetime(params["lt"], op) if params.get("lt") else old.lifetime_s
         binding = (self._binding(params["b"], "Q" in params, op) if params.get("b")
                    else old.binding + ("Q" if "Q" in params and "Q" not in old.binding else ""))
@@ -293,18 +292,17 @@ class Lwm2mServer:
                     and (str(addr[0]), int(addr[1])) != registration.endpoint):  # NAT moved it
                 self._registrations.put(dataclasses.replace(
                     registration, host=str(addr[0]), port=int(addr[1])))
-            self._notified(device_id, path, msg, addr, ack)
+            self._notified(registration, path, msg, addr, ack)
 
         return notified
 
-    def _notified(self, device_id: str, path: LwM2mPath, msg: wire.Message, addr: Address,
-                  ack: Callable[[], None]) -> None:
+    def _notified(self, registration: Registration, path: LwM2mPath, msg: wire.Message,
+                  addr: Address, ack: Callable[[], None]) -> None:
         cf_option = msg.option(C.CONTENT_FORMAT)
         cf = wire.uint_of(cf_option) if cf_option is not None else content.TEXT
         now = time.time()
-        registration = self._registrations.get(device_id)
-        transport = (TRANSPORT_DTLS if registration is not None and registration.transport == "coaps"
-                     else TRANSPORT)
+        device_id = registration.device_id
+        transport = TRANSPORT_DTLS if registration.transport == "coaps" else TRANSPORT
         uplink = Uplink(device_id, None, cf, msg.payload, transport, format_address(addr), now,
                         time.monotonic(), peer_identity=device_id, partial=True)
 
