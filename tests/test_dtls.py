@@ -124,6 +124,23 @@ def test_wrong_key_is_refused_in_the_handshake_and_nothing_is_published(
     assert gw.gateway.metric("nbiot_gateway_uplinks_received_total") == 1
 
 
+def test_a_commit_slower_than_aiocoaps_empty_ack_delay_still_gets_a_piggybacked_2_04(
+    dtls_gateway: Callable[..., DtlsGateway], subscribe: Callable[[str], Subscription],
+    tmp_path: Path,
+) -> None:
+    # A lone uplink waits the whole linger for its commit: 0.4 s, past aiocoap's default
+    # 0.1 s, after which it sent an empty ACK and the 2.04 separately (a CON, which
+    # `responses` leaves out: the client saw only an empty ACK).
+    gw = dtls_gateway(NBIOT_SPOOL__COMMIT_LINGER_MS="400")
+    sub = subscribe("nbiot/#")
+
+    result = coaps_client(tmp_path, gw.uri(TH1.device_id), TH1.device_id, KEYS[TH1.device_id],
+                          READING % 1)
+
+    assert result.responses == [("ACK", "2.04")], result.output
+    assert [m["seq"] for m in sub.wait_count(1)] == [1]
+
+
 def test_device_without_a_psk_cannot_handshake(
     dtls_gateway: Callable[..., DtlsGateway], tmp_path: Path
 ) -> None:

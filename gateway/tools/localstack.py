@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,11 +46,38 @@ class StackError(Exception):
 
 
 # -- ports and polls ----------------------------------------------------------------------
+# Ports handed out below the kernel's ephemeral range: a port the kernel picked for
+# `bind(0)` can be picked again for anyone's outgoing socket (a simulator opens thousands)
+# between our close and the gateway's bind; below the range only another `free_port` can
+# take it, and it draws at random.
+_FIRST_PICKED_PORT = 10_000
+_random_ports = random.Random()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """A loopback port of `kind` that is free now, outside the ephemeral range when the
+    range leaves room below it."""
+    low, _ = _ephemeral_range()
+    for _ in range(100 if low > _FIRST_PICKED_PORT + 1000 else 0):
+        port = _random_ports.randrange(_FIRST_PICKED_PORT, low)
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
+        picked: int = s.getsockname()[1]
+        return picked
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:

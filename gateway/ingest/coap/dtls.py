@@ -21,6 +21,7 @@ from aiocoap import error as aiocoap_error
 from aiocoap.credentials import CredentialsMap
 from aiocoap.numbers import COAP_PORT, COAPS_PORT
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.constants import TransportTuning
 from aiocoap.resource import Resource
 
 from gateway.errors import UplinkRejected
@@ -33,6 +34,8 @@ from gateway.runtime.metrics import Metrics
 log = logging.getLogger(__name__)
 TRANSPORT = "coaps"
 SWEEP_MAX_INTERVAL_S = 10.0
+# Longer than any commit (the linger is at most 1 s), shorter than ACK_TIMEOUT (start()).
+EMPTY_ACK_DELAY_S = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +212,14 @@ class DtlsServer:
         self._psks.replace(registry)
 
     async def start(self, host: str, port: int) -> None:
+        # aiocoap answers a CON request still unanswered after EMPTY_ACK_DELAY (0.1 s) with
+        # an empty ACK, and the 2.04 follows as a separate CON that the device must ACK:
+        # one more downlink and one more uplink over NB-IoT for each uplink whose commit
+        # took longer (a busy or slow disk, a long commit linger). The plain CoAP path
+        # always piggybacks; here the empty ACK waits until just before a device's first
+        # retransmission (ACK_TIMEOUT, 2 s). Class-wide: the daemon's only aiocoap
+        # server is this one.
+        TransportTuning.EMPTY_ACK_DELAY = EMPTY_ACK_DELAY_S
         aiocoap_log = logging.getLogger(f"{__name__}.aiocoap")
         aiocoap_log.addFilter(_QuietCloseNotify())
         aiocoap_log.setLevel(logging.INFO)  # its DEBUG is three lines per request
