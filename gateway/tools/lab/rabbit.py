@@ -13,6 +13,8 @@ import base64
 import concurrent.futures
 import functools
 import json
+import logging
+import re
 import secrets
 import shutil
 import signal
@@ -22,6 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,19 +33,25 @@ from typing import Any
 from gateway.cluster.uplink_queue import binding_matches, mqtt_to_routing_key
 from gateway.mqtt.client import MqttClient, MqttError
 from gateway.tools.lab.netns import Lab, LabError
-from gateway.tools.localstack import StackError, wait_until
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 MQTT_PORT, AMQP_PORT, MANAGEMENT_PORT, DIST_PORT = 1883, 5672, 15672, 25672
-START_TIMEOUT_S = 90.0  # ~7 s a node alone; three at once on 2 shared cores, 20-30 s
-# Once the cluster formed, a node takes MQTT CONNECTs at once, or never (_repair_mqtt); a
-# refused CONNECT takes 5 s to say so.
+# The whole start, repairs included: ~7 s a node alone; three at once on 2 shared cores
+# 20-30 s, then the MQTT plugin node by node, ~10 s.
+START_TIMEOUT_S = 120.0
+# A node's MQTT plugin, once enabled, opens its listener within seconds (the second node
+# waits for the first node's Raft election, ~5 s), and then takes MQTT CONNECTs at once; a
+# refused CONNECT takes 5 s to say so. Past these, that node is restarted once (_repair).
+MQTT_LISTENER_S = 30.0
 MQTT_JOIN_S = 10.0
+LOG_TAIL_LINES = 25
 STOP_TIMEOUT_S = 15.0  # for a killed node to be gone
 HTTP_TIMEOUT_S = 10.0
 # The Erlang schedulers' busy-waiting burns idle cores; three nodes share two with everyone
 # else (RabbitMQ's advice for shared hosts).
 ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+log = logging.getLogger(__name__)
 
 
 class RabbitError(LabError):
@@ -66,9 +75,10 @@ class RabbitNode:
 
 class RabbitCluster:
     """`with RabbitCluster(lab, nodes=3) as cluster:` one node in each of the lab's broker
-    namespaces b1..bN, started at once, clustered by classic peer discovery, yielded when
-    every node runs in one cluster. MQTT on port 1883 of each node with `user`/`password`,
-    durable MQTT sessions on quorum queues, the management API on port 15672."""
+    namespaces b1..bN, started at once, clustered by classic peer discovery, then the MQTT
+    plugin enabled node by node, yielded when every node runs in one cluster and accepts an
+    MQTT CONNECT. MQTT on port 1883 of each node with `user`/`password`, durable MQTT
+    sessions on quorum queues, the management API on port 15672."""
 
     def __init__(self, lab: Lab, nodes: int = 3, *, user: str = "nbiot-gateway",
                  password: str | None = None) -> None:
@@ -93,31 +103,61 @@ class RabbitCluster:
         try:
             self._write_files()
             started = time.monotonic()
+            deadline = started + START_TIMEOUT_S
             for node in self.nodes:
                 self._start(node)
             with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
-                list(pool.map(lambda n: self._wait_serving(n, started), self.nodes))
-            self._wait_members(START_TIMEOUT_S)
-            self._repair_mqtt()
+                list(pool.map(lambda n: self._wait_api(n, deadline), self.nodes))
+            self._wait_members(deadline)
+            for node in self.nodes:
+                self._enable_mqtt(node, deadline)
+                self.start_seconds[node.name] = time.monotonic() - started
+            for node in self.nodes:
+                self._wait_mqtt(node, deadline, repair=True)
         except BaseException:
             self._stop_all()
             raise
         return self
 
-    def _repair_mqtt(self) -> None:
-        """Nodes started at once often leave one outside the MQTT plugin's client-ID Raft
-        group (3.10 drops a join that reaches the new leader before it may change members,
-        and does not retry; 2 of 3 starts here), and that node refuses every CONNECT for
-        good ("client ID registration timed out" in its log). Restarted, it joins the
-        formed group. (Enabling the plugin node by node after clustering instead left the
-        first node without client-ID tracking at all.)"""
-        for node in self.nodes:
-            try:
-                self._wait_mqtt(node, MQTT_JOIN_S)
-            except StackError:
-                self.kill9(node.name)
-                self.restart(node.name)
-                self.mqtt_repairs.append(node.name)
+    def _enable_mqtt(self, node: RabbitNode, deadline: float) -> None:
+        """Start the MQTT plugin on `node` (and keep it in its enabled_plugins for a restart)
+        and wait for its listener. The nodes boot without it and get it one at a time, once
+        they are one cluster: 3.10's plugin (mqtt_node:start/2) starts its client-ID Raft
+        member, then asks its peers' members for the membership (100 s timeout) before it
+        triggers an election, and opens its listener only after that. A member without a
+        leader holds such a query until it knows one, so two nodes whose plugins start
+        within the same moment hold each other's query and no one ever calls an election:
+        the node logs "discovered 2 cluster peers that support client ID tracking" and its
+        listener never opens (seen at a parallel start, docs/decisions.md). One at a time,
+        the first finds no member to ask and calls the election; the others find its
+        members and are in them already (every running node counts as a peer, since the
+        plugin's code is on every node's path), so no join is sent either (a join that
+        reaches a leader a moment after its election is dropped, and not retried)."""
+        until = min(deadline, time.monotonic() + MQTT_LISTENER_S)
+        argv = [str(RABBIT_BIN / "rabbitmq-plugins"), "-n", node.node, "enable", "rabbitmq_mqtt"]
+        try:
+            cli = self.lab.run(node.name, argv, env=self._env(node), check=False,
+                               timeout_s=max(1.0, until - time.monotonic()))
+            if cli.returncode:
+                log.warning("rabbitmq-plugins enable rabbitmq_mqtt on %s exited %d: %s",
+                            node.node, cli.returncode, (cli.stderr or cli.stdout).strip()[-500:])
+        except LabError as e:  # still running at `until`: the listener will not open either
+            log.warning("%s", e)
+        if not _poll(lambda: _port_open(node.ip, MQTT_PORT), until):
+            self._repair(node, f"its MQTT listener not open {MQTT_LISTENER_S:.0f} s after "
+                         "the plugin was enabled", deadline)
+
+    def _repair(self, node: RabbitNode, why: str, deadline: float) -> None:
+        """The bounded recovery, once per node: kill -9 and start again (it rejoins the
+        client-ID Raft group from its own data), or RabbitError with its log."""
+        if node.name in self.mqtt_repairs:
+            raise self._error(node, f"{why}, after a restart too")
+        log.warning("RabbitMQ node %s (%s): %s; restarting it once (kill -9, start)",
+                    node.node, node.name, why)
+        self.mqtt_repairs.append(node.name)
+        self.kill9(node.name)
+        self._start(node)
+        self._wait_serving(node, deadline)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -134,7 +174,9 @@ class RabbitCluster:
         for node in self.nodes:
             shutil.rmtree(node.datadir, ignore_errors=True)  # a new cluster, every time
             node.datadir.mkdir(parents=True)
-            (node.datadir / "enabled_plugins").write_text("[rabbitmq_mqtt,rabbitmq_management].\n")
+            # rabbitmq_mqtt comes once the nodes are one cluster, one node at a time
+            # (_enable_mqtt); rabbitmq-plugins adds it here for a restart.
+            (node.datadir / "enabled_plugins").write_text("[rabbitmq_management].\n")
             # A quorum queue reports its depth to the statistics each tick (5 s by default).
             (node.datadir / "advanced.config").write_text("[{rabbit, [{quorum_tick_interval, 1000}]}].\n")
             (node.datadir / "rabbitmq.conf").write_text(f"""\
@@ -174,34 +216,55 @@ log.file = false
             node.name, [str(RABBIT_BIN / "rabbitmq-server")], env=self._env(node),
             log=node.datadir / "server.log")
 
-    def _wait_serving(self, node: RabbitNode, since: float) -> None:
+    def _wait_api(self, node: RabbitNode, deadline: float) -> None:
+        self._wait(node, lambda: self._answers(node), deadline, "its management API")
+
+    def _wait_serving(self, node: RabbitNode, deadline: float) -> None:
+        """Until `node` serves the management API and (once the plugin is enabled) MQTT."""
+        self._wait(node, lambda: _port_open(node.ip, MQTT_PORT) and self._answers(node),
+                   deadline, "its MQTT listener and management API")
+
+    def _answers(self, node: RabbitNode) -> bool:
+        try:
+            return bool(self._api(node, "GET", "/api/overview"))
+        except RabbitError:
+            return False
+
+    def _wait(self, node: RabbitNode, condition: Callable[[], bool], deadline: float,
+              what: str) -> None:
         proc = self._procs[node.name]
 
-        def serving() -> bool:
+        def met() -> bool:
             if proc.poll() is not None:
-                tail = (node.datadir / "server.log").read_text(errors="replace")[-3000:]
-                raise RabbitError(f"RabbitMQ node {node.node} exited with {proc.returncode}:"
-                                  f"\n{tail}")
-            try:
-                socket.create_connection((node.ip, MQTT_PORT), 0.5).close()
-                return bool(self._api(node, "GET", "/api/overview"))
-            except (OSError, RabbitError):
-                return False
+                raise self._error(node, f"exited with {proc.returncode}")
+            return condition()
 
-        wait_until(serving, START_TIMEOUT_S, f"RabbitMQ node {node.node} (MQTT and the "
-                   "management API)")
-        self.start_seconds[node.name] = time.monotonic() - since
+        if not _poll(met, deadline):
+            raise self._error(node, f"timed out waiting for {what}")
+
+    def _error(self, node: RabbitNode, what: str) -> RabbitError:
+        return RabbitError(f"RabbitMQ node {node.node} ({node.name}): {what}; the last lines "
+                           f"of {node.datadir / 'server.log'}:\n{self.log_tail(node)}")
+
+    def log_tail(self, node: RabbitNode, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = (node.datadir / "server.log").read_text(errors="replace")
+        except OSError as e:
+            return f"(no log: {e})"
+        return "\n".join(_ANSI.sub("", text).rstrip().splitlines()[-lines:])
 
     def wait_clustered(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until every node of the cluster that is not killed runs, seen from each, and
         accepts an MQTT CONNECT (client-ID tracking is a Raft group of its own)."""
-        self._wait_members(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        self._wait_members(deadline)
         for node in self.nodes:
             if self.running(node.name):
-                self._wait_mqtt(node, timeout_s)
+                self._wait_mqtt(node, deadline)
 
-    def _wait_members(self, timeout_s: float) -> None:
+    def _wait_members(self, deadline: float) -> None:
         expected = {n.node for n in self.nodes if self.running(n.name)}
+        views: dict[str, str] = {}
 
         def clustered() -> bool:
             for node in self.nodes:
@@ -209,17 +272,32 @@ log.file = false
                     continue
                 try:
                     listed = self._api(node, "GET", "/api/nodes")
-                except RabbitError:
+                except RabbitError as e:
+                    views[node.name] = str(e)
                     return False
-                if {n["name"] for n in listed if n.get("running")} != expected:
+                running = {n["name"] for n in listed if n.get("running")}
+                if running != expected:
+                    views[node.name] = f"running {sorted(running)}"
                     return False
             return True
 
-        wait_until(clustered, timeout_s, f"RabbitMQ nodes {sorted(expected)} in one cluster")
+        if not _poll(clustered, deadline):
+            laggard = next(n for n in self.nodes if n.name in views)
+            raise self._error(laggard, f"not one cluster with {sorted(expected)} "
+                              f"({views[laggard.name]})")
 
-    def _wait_mqtt(self, node: RabbitNode, timeout_s: float) -> None:
-        wait_until(functools.partial(self._mqtt_connects, node), timeout_s,
-                   f"RabbitMQ node {node.node} to accept an MQTT CONNECT")
+    def _wait_mqtt(self, node: RabbitNode, deadline: float, *, repair: bool = False) -> None:
+        """Until `node` accepts an MQTT CONNECT; with `repair`, restarted once if it has not
+        within MQTT_JOIN_S (a node left outside the client-ID Raft group refuses every
+        CONNECT with "client ID registration timed out" in its log)."""
+        connects = functools.partial(self._mqtt_connects, node)
+        if _poll(connects, min(deadline, time.monotonic() + MQTT_JOIN_S) if repair else deadline):
+            return
+        if repair and node.name not in self.mqtt_repairs:
+            self._repair(node, f"refused MQTT CONNECTs for {MQTT_JOIN_S:.0f} s", deadline)
+            if _poll(connects, deadline):
+                return
+        raise self._error(node, "timed out waiting for it to accept an MQTT CONNECT")
 
     def _mqtt_connects(self, node: RabbitNode) -> bool:
         async def connect() -> None:
@@ -268,7 +346,7 @@ log.file = false
             raise RabbitError(f"RabbitMQ node {node.node} is running")
         started = time.monotonic()
         self._start(node)
-        self._wait_serving(node, started)
+        self._wait_serving(node, started + START_TIMEOUT_S)
         self.wait_clustered()
         return time.monotonic() - started
 
@@ -364,3 +442,24 @@ log.file = false
         except OSError as e:
             raise RabbitError(f"{method} {url}: {e}") from None
         return json.loads(raw) if raw else None
+
+
+def _left(deadline: float) -> float:
+    return deadline - time.monotonic()
+
+
+def _poll(condition: Callable[[], bool], deadline: float) -> bool:
+    """Poll `condition` every 50 ms until it holds (True) or `deadline` passes (False)."""
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _port_open(ip: str, port: int) -> bool:
+    try:
+        socket.create_connection((ip, port), 0.5).close()
+    except OSError:
+        return False
+    return True
