@@ -263,7 +263,8 @@ def test_the_rabbitmq_cluster_keeps_a_pubacked_uplink_in_its_quorum_queue_with_a
         tmp_path: Path) -> None:
     with lab(P("g"), hosts=1, brokers=3, workdir=tmp_path) as built, \
             RabbitCluster(built, nodes=3) as cluster:
-        print(f"\nrabbitmq: nodes serving after {cluster.start_seconds} s (started at once), "
+        print(f"\nrabbitmq: nodes serving after {cluster.start_seconds} s (booted at once, "
+              "MQTT enabled node by node), "
               f"restarted to take MQTT CONNECTs: {cluster.mqtt_repairs or 'none'}")
         cluster.declare_uplink_queue("uplinks", "nbiot.plant.*.*.up")
         bound = cluster.bindings_for("nbiot/plant/d1/t1/up"), cluster.bindings_for("nbiot/x/up")

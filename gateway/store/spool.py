@@ -47,6 +47,12 @@ class _Together:
         self.appends = appends
 
 
+def _due(appends: list[_Append], linger_s: float, deadline: float | None) -> float:
+    """When the oldest of `appends` has lingered enough (or `deadline`, if sooner)."""
+    due = min(waiting_since for _, _, _, waiting_since in appends) + linger_s
+    return due if deadline is None else min(due, deadline)
+
+
 class _DueDeletions:
     """Deletions the loop held for DELETE_LINGER_S with no append to ride with: the writer
     commits them at once."""
@@ -308,6 +314,10 @@ class Spool:
         self._queue = queue.SimpleQueue()
         self._together: list[_Append] | None = None  # appends held by together()
         self._carried: _Together | None = None  # the writer's: a group for the next batch
+        # While the writer lingers: until when (it writes, the loop reads), and the event
+        # that a piece due sooner, or the stop, sets to end its wait early.
+        self._linger_until: float | None = None
+        self._sooner = threading.Event()
         # Deletions wait on the loop for an append to ride with (or DELETE_LINGER_S): each
         # handed over alone woke the writer thread once more per commit.
         self._deletions_held: list[int] = []
@@ -436,6 +446,7 @@ class Spool:
             self._together.append(item)
         else:
             self._queue.put(item)
+            self._wake_if_sooner(item[3])
             self._hand_over_deletions(due=False)
 
     @contextlib.contextmanager
@@ -457,7 +468,15 @@ class Spool:
             for start in range(0, len(held), self.max_batch):
                 self._queue.put(_Together(held[start:start + self.max_batch]))
             if held:
+                self._wake_if_sooner(min(waiting_since for _, _, _, waiting_since in held))
                 self._hand_over_deletions(due=False)
+
+    def _wake_if_sooner(self, waiting_since: float) -> None:
+        """A piece appended: if the writer lingers for a later due, it ends its wait.
+        Pieces due later (statuses after a commit, single appends) ride without waking it."""
+        until = self._linger_until
+        if until is not None and waiting_since + self.linger_s < until:
+            self._sooner.set()
 
     async def wait_committed(self) -> None:
         """Return once everything appended so far is durable (or failed)."""
@@ -588,9 +607,10 @@ class Spool:
         """Wait for the next group: appends that arrived within `linger_s` of the oldest
         (at most max_batch), and every deletion queued meanwhile. Appends that queued up
         during the previous commit are already due, so a busy gateway never lingers.
-        While lingering the thread sleeps rather than wake for each append: one wake-up
-        and one GIL hand-over per batch, not per uplink (docs/decisions.md). A piece
-        from `together()` is never split between two commits."""
+        While lingering the thread sleeps, woken only by a piece due before its wait ends
+        (`_wake_if_sooner`): at most one wake-up and one GIL hand-over per batch, not per
+        uplink (docs/decisions.md). A piece from `together()` is never split between two
+        commits."""
         batch: list[_Append] = []
         deletions: list[int] = list(retry)
         deadline = time.monotonic() + RETRY_S if retry else None
@@ -620,19 +640,27 @@ class Spool:
             batch.extend(item.appends)
         else:
             batch.append(item)
-        due = min(waiting_since for _, _, _, waiting_since in batch) + self.linger_s
         # Never longer than the linger, whatever the clock did since the append.
-        linger_s = min(self.linger_s, min(due, deadline or due) - time.monotonic())
-        if linger_s > 0:
-            # Under libfaketime's clock jumps nanosleep has failed with EINVAL: a sleep cut
-            # short only makes the batch smaller (tests/faults/test_clock.py).
-            with contextlib.suppress(OSError):
-                time.sleep(linger_s)
+        until = time.monotonic() + min(self.linger_s, _due(batch, self.linger_s, deadline)
+                                       - time.monotonic())
         while len(batch) < self.max_batch:
+            remaining = until - time.monotonic()
+            if remaining > 0:
+                # Lingering: a piece due sooner (a gathered batch appended behind a
+                # device's `online` status) ends the wait instead of waiting behind it
+                # (docs/decisions.md, "The linger follows the earliest due"). Published
+                # before the queue is looked at, so an append that misses the look sees it.
+                self._linger_until = until
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                if remaining <= 0:
+                    break
+                self._sooner.wait(remaining)
+                self._sooner.clear()  # whatever set it is in the queue by now
+                continue
+            finally:
+                self._linger_until = None
             if item is None:
                 return batch, deletions, True
             if isinstance(item, _Together):
@@ -640,12 +668,14 @@ class Spool:
                     self._carried = item  # whole, in the next commit
                     break
                 batch.extend(item.appends)
+                until = min(until, _due(item.appends, self.linger_s, deadline))
             elif isinstance(item, _DueDeletions):
                 deletions.extend(item.ids)
             elif isinstance(item, list):
                 deletions.extend(item)
             else:
                 batch.append(item)
+                until = min(until, _due([item], self.linger_s, deadline))
         return batch, deletions, False
 
     def _commit(
@@ -775,13 +805,16 @@ class Spool:
                     self.on_rollback(*rollback)
                 except Exception:
                     log.exception("rolling back the replay state of a failed commit failed")
-            for _, on_durable, _, _ in batch:
-                if on_durable is None:
-                    continue
-                try:
-                    on_durable(ok)
-                except Exception:  # one broken callback must not strand the rest
-                    log.exception("callback of a committed spool record failed")
+            # What the callbacks append (a device's first uplink: its `online` status)
+            # reaches the writer in one piece, due a linger from now.
+            with self.together():
+                for _, on_durable, _, _ in batch:
+                    if on_durable is None:
+                        continue
+                    try:
+                        on_durable(ok)
+                    except Exception:  # one broken callback must not strand the rest
+                        log.exception("callback of a committed spool record failed")
         finally:
             if not self._uncommitted:
                 self._drained.set()

@@ -51,7 +51,8 @@ class StackError(Exception):
 # between our close and the gateway's bind; below the range only another `free_port` can
 # take it, and it draws at random.
 _FIRST_PICKED_PORT = 10_000
-_random_ports = random.Random()
+_random_ports = random.SystemRandom()  # a process forked after import draws its own
+_handed_out: set[int] = set()  # never the same port twice in one process
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -68,12 +69,15 @@ def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
     low, _ = _ephemeral_range()
     for _ in range(100 if low > _FIRST_PICKED_PORT + 1000 else 0):
         port = _random_ports.randrange(_FIRST_PICKED_PORT, low)
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, kind) as s:
             try:
                 s.bind((LOOPBACK, port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((LOOPBACK, 0))
         picked: int = s.getsockname()[1]

@@ -34,8 +34,10 @@ from gateway.runtime.metrics import Metrics
 log = logging.getLogger(__name__)
 TRANSPORT = "coaps"
 SWEEP_MAX_INTERVAL_S = 10.0
-# Longer than any commit (the linger is at most 1 s), shorter than ACK_TIMEOUT (start()).
-EMPTY_ACK_DELAY_S = 1.5
+# A commit within it (the shipped linger is 30 ms, the longest allowed 1 s) is piggybacked;
+# an empty ACK after it still reaches a device before its ACK_TIMEOUT (2 s) on a round
+# trip under 1 s (start()).
+EMPTY_ACK_DELAY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +218,8 @@ class DtlsServer:
         # an empty ACK, and the 2.04 follows as a separate CON that the device must ACK:
         # one more downlink and one more uplink over NB-IoT for each uplink whose commit
         # took longer (a busy or slow disk, a long commit linger). The plain CoAP path
-        # always piggybacks; here the empty ACK waits until just before a device's first
-        # retransmission (ACK_TIMEOUT, 2 s). Class-wide: the daemon's only aiocoap
-        # server is this one.
+        # always piggybacks. Class-wide: this is the daemon's only aiocoap server (LwM2M
+        # over coaps shares its context, and its Sends are piggybacked alike).
         TransportTuning.EMPTY_ACK_DELAY = EMPTY_ACK_DELAY_S
         aiocoap_log = logging.getLogger(f"{__name__}.aiocoap")
         aiocoap_log.addFilter(_QuietCloseNotify())

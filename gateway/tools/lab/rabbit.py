@@ -138,11 +138,11 @@ class RabbitCluster:
         try:
             cli = self.lab.run(node.name, argv, env=self._env(node), check=False,
                                timeout_s=max(1.0, until - time.monotonic()))
-            if cli.returncode:
-                log.warning("rabbitmq-plugins enable rabbitmq_mqtt on %s exited %d: %s",
-                            node.node, cli.returncode, (cli.stderr or cli.stdout).strip()[-500:])
         except LabError as e:  # still running at `until`: the listener will not open either
-            log.warning("%s", e)
+            raise self._error(node, f"rabbitmq-plugins enable rabbitmq_mqtt: {e}") from None
+        if cli.returncode:  # not in its enabled_plugins either: a restart would not help
+            raise self._error(node, f"rabbitmq-plugins enable rabbitmq_mqtt exited "
+                              f"{cli.returncode}: {(cli.stderr or cli.stdout).strip()[-500:]}")
         if not _poll(lambda: _port_open(node.ip, MQTT_PORT), until):
             self._repair(node, f"its MQTT listener not open {MQTT_LISTENER_S:.0f} s after "
                          "the plugin was enabled", deadline)
@@ -267,6 +267,7 @@ log.file = false
         views: dict[str, str] = {}
 
         def clustered() -> bool:
+            views.clear()  # this look's, not an earlier one's
             for node in self.nodes:
                 if node.node not in expected:
                     continue
@@ -442,10 +443,6 @@ log.file = false
         except OSError as e:
             raise RabbitError(f"{method} {url}: {e}") from None
         return json.loads(raw) if raw else None
-
-
-def _left(deadline: float) -> float:
-    return deadline - time.monotonic()
 
 
 def _poll(condition: Callable[[], bool], deadline: float) -> bool:
