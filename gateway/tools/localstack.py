@@ -55,18 +55,17 @@ _random_ports = random.SystemRandom()  # a process forked after import draws its
 _handed_out: set[int] = set()  # never the same port twice in one process
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _first_ephemeral_port() -> int:
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
     """A loopback port of `kind` that is free now, outside the ephemeral range when the
     range leaves room below it."""
-    low, _ = _ephemeral_range()
+    low = _first_ephemeral_port()
     for _ in range(100 if low > _FIRST_PICKED_PORT + 1000 else 0):
         port = _random_ports.randrange(_FIRST_PICKED_PORT, low)
         if port in _handed_out:
