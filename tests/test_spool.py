@@ -197,6 +197,18 @@ async def test_a_piece_due_at_once_does_not_wait_behind_a_lingering_status(
     assert (commits, outcomes) == ([2], [True, True])
 
 
+async def test_a_record_appended_by_a_commit_callback_is_written_before_close(
+        tmp_path: Path) -> None:
+    # A device's first uplink, committed as the gateway stops: its `online` status is
+    # appended by the commit's callback, after close() began, and must still be written.
+    path = tmp_path / "spool.sqlite"
+    async with Spool(path, 1 << 30) as spool:
+        spool.append(Record("t/uplink", b"1"),
+                     lambda ok: spool.append(Record("t/status", b"online"), None))
+
+    assert [topic for _, topic, _, _ in stored(path)] == ["t/uplink", "t/status"]
+
+
 async def test_a_piece_larger_than_max_batch_is_committed_in_max_batch_parts(
         tmp_path: Path) -> None:
     commits: list[int] = []

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from gateway.model import Record
 from gateway.pipeline.replay import ReplayWindow, Seen, SeqAccept, SeqState
@@ -405,6 +406,17 @@ class Spool:
         if self._writer is None:
             return
         self._hand_over_deletions(due=False)
+        # What the last commits' callbacks append (a new device's `online` status) would
+        # queue behind the stop and never be written: wait until nothing is uncommitted.
+        failed = self.writer_failed
+        while self._uncommitted and self._writer.is_alive() and not (
+                failed is not None and failed.done()):
+            waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._drained.wait())}
+            if failed is not None:
+                waits.add(failed)
+            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in pending - {failed}:
+                waiting.cancel()
         self._queue.put(None)
         await asyncio.to_thread(self._writer.join)
         self._writer = None
