@@ -316,7 +316,7 @@ class Spool:
         self._together: list[_Append] | None = None  # appends held by together()
         self._carried: _Together | None = None  # the writer's: a group for the next batch
         # While the writer lingers: until when (it writes, the loop reads), and the event
-        # that a piece due sooner, or the stop, sets to end its wait early.
+        # that a piece due sooner sets to end its wait early.
         self._linger_until: float | None = None
         self._sooner = threading.Event()
         # Deletions wait on the loop for an append to ride with (or DELETE_LINGER_S): each
@@ -409,14 +409,12 @@ class Spool:
         # What the last commits' callbacks append (a new device's `online` status) would
         # queue behind the stop and never be written: wait until nothing is uncommitted.
         failed = self.writer_failed
-        while self._uncommitted and self._writer.is_alive() and not (
-                failed is not None and failed.done()):
-            waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._drained.wait())}
-            if failed is not None:
-                waits.add(failed)
-            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for waiting in pending - {failed}:
-                waiting.cancel()
+        assert failed is not None  # made by open(), with the writer
+        while self._uncommitted and self._writer.is_alive() and not failed.done():
+            drained = asyncio.ensure_future(self._drained.wait())
+            waits: tuple[asyncio.Future[Any], ...] = (drained, failed)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            drained.cancel()
         self._queue.put(None)
         await asyncio.to_thread(self._writer.join)
         self._writer = None
@@ -458,7 +456,7 @@ class Spool:
             self._together.append(item)
         else:
             self._queue.put(item)
-            self._wake_if_sooner(item[3])
+            self._wake_if_sooner(item[3] + self.linger_s)
             self._hand_over_deletions(due=False)
 
     @contextlib.contextmanager
@@ -480,14 +478,15 @@ class Spool:
             for start in range(0, len(held), self.max_batch):
                 self._queue.put(_Together(held[start:start + self.max_batch]))
             if held:
-                self._wake_if_sooner(min(waiting_since for _, _, _, waiting_since in held))
+                self._wake_if_sooner(_due(held, self.linger_s, None))
                 self._hand_over_deletions(due=False)
 
-    def _wake_if_sooner(self, waiting_since: float) -> None:
-        """A piece appended: if the writer lingers for a later due, it ends its wait.
-        Pieces due later (statuses after a commit, single appends) ride without waking it."""
+    def _wake_if_sooner(self, due: float) -> None:
+        """A piece due at `due` appended: if the writer lingers until later, it ends its
+        wait. Pieces due later (statuses after a commit, single appends) ride without
+        waking it."""
         until = self._linger_until
-        if until is not None and waiting_since + self.linger_s < until:
+        if until is not None and due < until:
             self._sooner.set()
 
     async def wait_committed(self) -> None:
