@@ -70,6 +70,11 @@ class Receiver:
             self._loop.remove_reader(self._epoll.fileno())
             self._loop = None
 
+    def close(self, sock: socket.socket) -> None:
+        """Stop watching `sock` and close it."""
+        self.forget(sock)
+        sock.close()
+
     def _ready(self) -> None:
         callbacks = self._callbacks
         for fd, _ in self._epoll.poll(0):
@@ -91,6 +96,18 @@ class Link:
     nat_idle_timeout_s: float
     nat_rebind_probability: float
     receiver: Receiver = field(default_factory=Receiver)
+
+    def open_socket(self, source_ip: str, port: int = 0) -> socket.socket:
+        """A device's non-blocking UDP socket from (`source_ip`, `port`) to the target;
+        OSError (closed again) when it cannot have one."""
+        sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.bind((source_ip, port))
+            sock.connect(self.target)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
 
 def build_request(mid: int, token: bytes, device_id: str, device_token: str, content_format: int,
@@ -188,13 +205,7 @@ class Exchange:
         self._arm()
 
     def _open_socket(self) -> None:
-        sock = socket.socket(self.link.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        try:
-            sock.bind((self._source_ip, 0))
-            sock.connect(self.link.target)
-        except OSError:
-            sock.close()
-            raise
+        sock = self.link.open_socket(self._source_ip)
         generation = 0 if self.nat is None else self.nat.generation
         self.link.receiver.watch(sock, functools.partial(self._readable, sock, generation))
         self._sock = sock
@@ -202,8 +213,7 @@ class Exchange:
     def _close_socket(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            self.link.receiver.forget(sock)
-            sock.close()
+            self.link.receiver.close(sock)
 
     def _transmit(self) -> None:
         self.transmissions += 1
@@ -240,8 +250,7 @@ class Exchange:
             with contextlib.suppress(OSError):
                 self._open_socket()
             if old is not None and old is not self._sock:
-                self.link.receiver.forget(old)
-                old.close()
+                self.link.receiver.close(old)
             elif old is not None:  # no new socket: the device cannot send at all now
                 self._close_socket()
         self._transmit()

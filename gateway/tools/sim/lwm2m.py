@@ -222,13 +222,7 @@ class Lwm2mDevice:
 
     def _open_socket(self, port: int) -> None:
         link = self.link
-        sock = socket.socket(link.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        try:
-            sock.bind((self.device.source_ip, port))
-            sock.connect(link.target)
-        except OSError:
-            sock.close()
-            raise
+        sock = link.open_socket(self.device.source_ip, port)
         self._generation += 1
         link.receiver.watch(sock, functools.partial(self._readable, sock, self._generation))
         self._sock = sock
@@ -236,8 +230,7 @@ class Lwm2mDevice:
     def _close_socket(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            self.link.receiver.forget(sock)
-            sock.close()
+            self.link.receiver.close(sock)
         self._served.clear()
 
     def _request(self, step: str, at: float, *, first: bool = False) -> None:
