@@ -1,9 +1,10 @@
-"""One confirmable CoAP POST of one report, from a UDP socket of its own for this wake.
+"""One confirmable CoAP POST of one report, from a source endpoint of its own for this wake
+(gateway/tools/sim/endpoints.py).
 
 Drives the RFC 7252 retransmission timer, applies the radio model (latency, loss both
 ways, NAT rebinding = a new source port), matches the reply by message ID and token, and
-calls back once with the outcome. It never outlives its exchange: the socket is closed
-when it is done, so a device holds a file descriptor only while it is awake.
+calls back once with the outcome. It never outlives its exchange: the endpoint is closed
+when it is done, so a sleeping device holds none.
 
 Two radio delays cost no timer (one each per report, ~7 µs; docs/decisions.md): the
 first datagram leaves at once and the device is taken to have sent it one uplink
@@ -19,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import random
-import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +28,10 @@ from urllib.parse import quote
 
 from gateway.ingest.coap import numbers as C
 from gateway.ingest.coap import wire
+from gateway.tools.sim.endpoints import Endpoint, OwnSocket, Received, Receiver, SharedPorts
 from gateway.tools.sim.radio import Coverage, NatMapping, Radio
 from gateway.tools.sim.retransmit import RetransmissionTimer, TransmissionParameters
 from gateway.tools.sim.retransmit import service_unavailable_wait_s as max_age_wait_s
-
-RECV_BYTES = 2048
 
 
 class Outcome(Enum):
@@ -42,45 +41,6 @@ class Outcome(Enum):
     TIMEOUT = "timeout"  # no response after MAX_RETRANSMIT retransmissions
     RESET = "reset"  # the server answered RST
     ABORTED = "aborted"  # the run ended first
-
-
-class Receiver:
-    """Every awake device's socket in one epoll set of our own, which the event loop
-    watches as a single reader. Watching a socket is one epoll_ctl and a dict entry; the
-    loop's own add_reader/remove_reader cost ~5 µs more per wake with 2,500 sockets open
-    (docs/decisions.md). Closing a socket takes it out of the set (its only descriptor)."""
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self._callbacks: dict[int, Callable[[], None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def watch(self, sock: socket.socket, readable: Callable[[], None]) -> None:
-        fd = sock.fileno()
-        self._epoll.register(fd, select.EPOLLIN)
-        self._callbacks[fd] = readable
-        if self._loop is None:  # the first socket: the loop starts watching the set
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self._epoll.fileno(), self._ready)
-
-    def forget(self, sock: socket.socket) -> None:
-        """Stop calling back for `sock`; the caller closes it right after."""
-        self._callbacks.pop(sock.fileno(), None)
-        if not self._callbacks and self._loop is not None:  # idle: nothing left to watch
-            self._loop.remove_reader(self._epoll.fileno())
-            self._loop = None
-
-    def close(self, sock: socket.socket) -> None:
-        """Stop watching `sock` and close it."""
-        self.forget(sock)
-        sock.close()
-
-    def _ready(self) -> None:
-        callbacks = self._callbacks
-        for fd, _ in self._epoll.poll(0):
-            readable = callbacks.get(fd)
-            if readable is not None:
-                readable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +56,14 @@ class Link:
     nat_idle_timeout_s: float
     nat_rebind_probability: float
     receiver: Receiver = field(default_factory=Receiver)
+    shared_ports: SharedPorts | None = None  # with every device on an address of its own
+
+    def open_endpoint(self, source_ip: str, received: Received) -> Endpoint:
+        """An endpoint from `source_ip` whose replies go to `received`, on another port
+        than any endpoint of `source_ip` still open; OSError when there is none to have."""
+        if self.shared_ports is not None:
+            return self.shared_ports.open(source_ip, received)
+        return OwnSocket(self.open_socket(source_ip), self.receiver, received)
 
     def open_socket(self, source_ip: str, port: int = 0) -> socket.socket:
         """A device's non-blocking UDP socket from (`source_ip`, `port`) to the target;
@@ -139,7 +107,7 @@ def encode_request(mid: int, token: bytes, options: bytes, payload: bytes) -> by
 class Exchange:
     """Start with `start()`; `on_done(exchange)` is called exactly once."""
 
-    __slots__ = ("_handle", "_on_the_way", "_request", "_sock", "_source_ip", "code", "coverage",
+    __slots__ = ("_endpoint", "_handle", "_on_the_way", "_request", "_source_ip", "code", "coverage",
                  "finished_at", "link", "max_age_s", "mid", "nat", "on_done", "outcome", "rebinds",
                  "reply_payload", "retransmissions", "stale_replies", "started_at", "timer",
                  "token", "transmissions")
@@ -162,7 +130,7 @@ class Exchange:
         self.token = token
         self._request = request
         self.on_done = on_done
-        self._sock: socket.socket | None = None
+        self._endpoint: Endpoint | None = None
         self._handle: asyncio.TimerHandle | None = None
         self.nat: NatMapping | None = None
         self.timer: RetransmissionTimer | None = None
@@ -184,11 +152,8 @@ class Exchange:
 
     @property
     def source_port(self) -> int | None:
-        """The source port the gateway sees now (None when no socket is open)."""
-        if self._sock is None:
-            return None
-        port: int = self._sock.getsockname()[1]
-        return port
+        """The source port the gateway sees now (None when no endpoint is open)."""
+        return None if self._endpoint is None else self._endpoint.port
 
     # -- sending ---------------------------------------------------------------------
     def start(self) -> None:
@@ -198,29 +163,29 @@ class Exchange:
         self.started_at = now - link.radio.latency_s(self.coverage)
         self.timer = RetransmissionTimer(self.started_at, link.rng.random(), link.params)
         with contextlib.suppress(OSError):  # no descriptor or port left: nothing goes out
-            self._open_socket()
+            self._open_endpoint()
         self.transmissions += 1
-        if self._sock is not None and not link.radio.uplink_lost():
-            _send(self._sock, self._request)
+        if self._endpoint is not None and not link.radio.uplink_lost():
+            self._endpoint.send(self._request)
         self._arm()
 
-    def _open_socket(self) -> None:
-        sock = self.link.open_socket(self._source_ip)
+    def _open_endpoint(self) -> None:
         generation = 0 if self.nat is None else self.nat.generation
-        self.link.receiver.watch(sock, functools.partial(self._readable, sock, generation))
-        self._sock = sock
+        self._endpoint = self.link.open_endpoint(self._source_ip,
+                                                 functools.partial(self._received, generation))
 
-    def _close_socket(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self.link.receiver.close(sock)
+    def _close_endpoint(self) -> None:
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            endpoint.close()
 
     def _transmit(self) -> None:
         self.transmissions += 1
         link = self.link
-        if self._sock is None or link.radio.uplink_lost():
+        if self._endpoint is None or link.radio.uplink_lost():
             return
-        link.loop.call_later(link.radio.latency_s(self.coverage), _send, self._sock, self._request)
+        link.loop.call_later(link.radio.latency_s(self.coverage), self._endpoint.send,
+                             self._request)
 
     def _arm(self) -> None:
         assert self.timer is not None
@@ -240,30 +205,24 @@ class Exchange:
             self.nat = NatMapping(link.loop.time, link.rng, idle_timeout_s=link.nat_idle_timeout_s,
                                   rebind_probability=link.nat_rebind_probability,
                                   opened_at=self.started_at)
-        if self.nat.outbound() or self._sock is None:
-            # The carrier NAT gave this device a new public port: a new socket is a new
-            # source endpoint (opened before the old one closes, so the port differs), and
-            # replies to the old one never arrive.
-            old = self._sock
+        if self.nat.outbound() or self._endpoint is None:
+            # The carrier NAT gave this device a new public port: a new source endpoint
+            # (opened before the old one closes, so the port differs), and replies to the
+            # old one never arrive.
+            old = self._endpoint
             if old is not None:
                 self.rebinds += 1
             with contextlib.suppress(OSError):
-                self._open_socket()
-            if old is not None and old is not self._sock:
-                self.link.receiver.close(old)
-            elif old is not None:  # no new socket: the device cannot send at all now
-                self._close_socket()
+                self._open_endpoint()
+            if old is not None and old is not self._endpoint:
+                old.close()
+            elif old is not None:  # no new endpoint: the device cannot send at all now
+                self._close_endpoint()
         self._transmit()
         self._arm()
 
     # -- receiving -------------------------------------------------------------------
-    def _readable(self, sock: socket.socket, generation: int) -> None:
-        # One datagram per call: the epoll set is level-triggered, so a second one calls
-        # again, and no recv ends in a BlockingIOError.
-        try:
-            data = sock.recv(RECV_BYTES)
-        except OSError:  # nothing after all, or ICMP port unreachable: no gateway (yet)
-            return
+    def _received(self, generation: int, data: bytes) -> None:
         link = self.link
         if link.radio.downlink_lost():
             return
@@ -323,8 +282,8 @@ class Exchange:
             self.finish(Outcome.REJECTED, at)
 
     def _send_now(self, data: bytes) -> None:
-        if self._sock is not None:
-            _send(self._sock, data)
+        if self._endpoint is not None:
+            self._endpoint.send(data)
 
     # -- the end -----------------------------------------------------------------------
     def finish(self, outcome: Outcome, at: float | None = None) -> None:
@@ -336,14 +295,6 @@ class Exchange:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        self._close_socket()
+        self._close_endpoint()
         self.on_done(self)
 
-
-def _send(sock: socket.socket, data: bytes) -> None:
-    """Put a datagram on the wire, unless its socket was closed while it was in the air."""
-    if sock.fileno() == -1:
-        return
-    # A full socket buffer or ICMP unreachable: the datagram is lost, as on a radio.
-    with contextlib.suppress(OSError):
-        sock.send(data)

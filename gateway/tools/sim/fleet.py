@@ -87,16 +87,26 @@ class SimDevice:
     lwm2m: Lwm2mDevice | None = None  # its LwM2M side, made with the Fleet
 
 
+def per_device_addresses(target_host: str, mode: str) -> bool:
+    """Whether each device sends from a loopback address of its own: with
+    sim.source_addresses "per_device" and the gateway on IPv4 loopback."""
+    try:
+        target = ipaddress.ip_address(target_host)
+    except ValueError:
+        return False
+    return mode == "per_device" and target.version == 4 and target.is_loopback
+
+
 def source_address(target_host: str, index: int, mode: str) -> str:
     """The device's own loopback address (127.1.0.1, 127.1.0.2, ...) when the gateway is on
     IPv4 loopback: every device its own endpoint, as behind a carrier NAT; otherwise the
     host's address for the target's family."""
+    if per_device_addresses(target_host, mode):
+        return str(ipaddress.IPv4Address(0x7F010001 + index))
     try:
         target = ipaddress.ip_address(target_host)
     except ValueError:
         target = None
-    if mode == "per_device" and target is not None and target.version == 4 and target.is_loopback:
-        return str(ipaddress.IPv4Address(0x7F010001 + index))
     if target is not None and target.version == 6:
         return "::1" if target.is_loopback else "::"
     return "127.0.0.1" if target is not None and target.is_loopback else "0.0.0.0"

@@ -33,7 +33,7 @@ from gateway.ingest.coap import numbers as C
 from gateway.ingest.coap import wire
 from gateway.ingest.lwm2m import content
 from gateway.ingest.lwm2m.paths import LwM2mPath, PathError, parse_path, render_path
-from gateway.tools.sim.exchange import RECV_BYTES, Link, Outcome
+from gateway.tools.sim.exchange import Link, Outcome
 from gateway.tools.sim.payloads import _cbor, _cbor_array_head
 from gateway.tools.sim.retransmit import RetransmissionTimer
 from gateway.tools.sim.retransmit import service_unavailable_wait_s as max_age_wait_s
@@ -224,7 +224,7 @@ class Lwm2mDevice:
         link = self.link
         sock = link.open_socket(self.device.source_ip, port)
         self._generation += 1
-        link.receiver.watch(sock, functools.partial(self._readable, sock, self._generation))
+        link.receiver.watch(sock, functools.partial(self._received, self._generation))
         self._sock = sock
 
     def _close_socket(self) -> None:
@@ -311,11 +311,7 @@ class Lwm2mDevice:
             self._put(data)
 
     # -- receiving -----------------------------------------------------------------------
-    def _readable(self, sock: socket.socket, generation: int) -> None:
-        try:
-            data = sock.recv(RECV_BYTES)
-        except OSError:
-            return
+    def _received(self, generation: int, data: bytes) -> None:
         link = self.link
         if link.radio.downlink_lost():
             return

@@ -1,0 +1,155 @@
+"""The simulator's source endpoints on real loopback sockets: devices on shared ports send
+from their own addresses and get only their own replies; a rebind moves to another port;
+and a whole exchange over a shared port looks to the gateway as over a socket of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.ingest.coap import numbers as C
+from gateway.ingest.coap import wire
+from gateway.tools.sim.endpoints import SharedPorts
+from gateway.tools.sim.exchange import Exchange, Link, Outcome, build_request
+from gateway.tools.sim.radio import Coverage, Radio
+from gateway.tools.sim.retransmit import TransmissionParameters
+from tests.test_sim_retransmit import poll as until
+
+
+class Echo(asyncio.DatagramProtocol):
+    """Answers each datagram with b"to " + the address it came from; notes the sources."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.sources: list[tuple[str, int]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sources.append(addr)
+        assert self.transport is not None
+        self.transport.sendto(b"to " + addr[0].encode(), addr)
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[tuple[Echo, tuple[str, int]]]:
+    transport, server = await asyncio.get_running_loop().create_datagram_endpoint(
+        Echo, local_addr=("127.0.0.1", 0))
+    yield server, transport.get_extra_info("sockname")
+    transport.close()
+
+
+async def test_devices_on_one_shared_port_send_from_their_own_addresses_and_get_their_own_replies(
+    echo: tuple[Echo, tuple[str, int]],
+) -> None:
+    server, target = echo
+    ports = SharedPorts(1, target)  # one socket: both devices on the same port
+    got: dict[str, list[bytes]] = {"127.1.0.1": [], "127.1.0.2": []}
+    try:
+        a = ports.open("127.1.0.1", got["127.1.0.1"].append)
+        b = ports.open("127.1.0.2", got["127.1.0.2"].append)
+        a.send(b"x")
+        b.send(b"y")
+        await until(lambda: all(got.values()))
+
+        assert got == {"127.1.0.1": [b"to 127.1.0.1"], "127.1.0.2": [b"to 127.1.0.2"]}
+        assert {ip for ip, _ in server.sources} == {"127.1.0.1", "127.1.0.2"}
+        assert a.port == b.port == server.sources[0][1]
+    finally:
+        ports.close()
+
+
+async def test_a_second_endpoint_of_one_address_gets_another_port_and_a_closed_one_hears_nothing(
+    echo: tuple[Echo, tuple[str, int]],
+) -> None:
+    server, target = echo
+    ports = SharedPorts(2, target)
+    old_got: list[bytes] = []
+    new_got: list[bytes] = []
+    try:
+        old = ports.open("127.1.0.7", old_got.append)
+        new = ports.open("127.1.0.7", new_got.append)  # a rebind: opened before old closes
+        assert new.port != old.port
+        with pytest.raises(OSError, match="all 2 shared ports"):
+            ports.open("127.1.0.7", old_got.append)
+        old.send(b"late")
+        old.close()
+        old.send(b"after close")  # sends nothing
+        new.send(b"now")
+        await until(lambda: len(new_got) == 1 and len(server.sources) == 2)
+        await asyncio.sleep(0.05)
+
+        assert old_got == []  # its reply arrived after it closed: dropped
+        assert [port for _, port in server.sources] == [old.port, new.port]
+    finally:
+        ports.close()
+
+
+async def test_a_datagram_from_anyone_but_the_gateway_is_ignored(
+    echo: tuple[Echo, tuple[str, int]],
+) -> None:
+    _, target = echo
+    ports = SharedPorts(1, target)
+    got: list[bytes] = []
+    try:
+        endpoint = ports.open("127.1.0.9", got.append)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            stranger.sendto(b"spoof", ("127.1.0.9", endpoint.port))
+        endpoint.send(b"hello")
+        await until(lambda: len(got) == 1)
+        await asyncio.sleep(0.05)
+
+        assert got == [b"to 127.1.0.9"]
+    finally:
+        ports.close()
+
+
+class ChangedOnSecondTry(asyncio.DatagramProtocol):
+    """Ignores the first request, answers the retransmission with a piggybacked 2.04."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.sources: list[tuple[str, int]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sources.append(addr)
+        if len(self.sources) > 1:
+            msg = wire.decode(data)
+            assert self.transport is not None
+            self.transport.sendto(wire.encode_ack(C.CHANGED, msg.mid, msg.token), addr)
+
+
+async def test_an_exchange_over_shared_ports_rebinds_to_a_new_port_from_its_own_address() -> None:
+    loop = asyncio.get_running_loop()
+    transport, server = await loop.create_datagram_endpoint(ChangedOnSecondTry,
+                                                            local_addr=("127.0.0.1", 0))
+    target = transport.get_extra_info("sockname")
+    ports = SharedPorts(4, target)
+    rng = random.Random(3)
+    link = Link(loop, target, socket.AF_INET, Radio(rng, latency_scale=0.0), rng,
+                TransmissionParameters(ack_timeout_s=0.1), nat_idle_timeout_s=3600.0,
+                nat_rebind_probability=1.0, shared_ports=ports)
+    done: asyncio.Future[Exchange] = loop.create_future()
+    exchange = Exchange(link, source_ip="127.1.2.3", coverage=Coverage.CE0, mid=5, token=b"t",
+                        request=build_request(5, b"t", "th-00001", "k", 50, b'{"seq":1}'),
+                        on_done=done.set_result)
+    try:
+        exchange.start()
+        await asyncio.wait_for(done, 10)
+    finally:
+        transport.close()
+        ports.close()
+
+    assert exchange.outcome is Outcome.ACKED
+    assert exchange.rebinds == 1
+    assert [ip for ip, _ in server.sources] == ["127.1.2.3", "127.1.2.3"]
+    assert server.sources[0][1] != server.sources[1][1]
+    assert exchange.source_port is None  # closed with the exchange
