@@ -32,8 +32,13 @@ class Echo(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.sources.append(addr)
-        assert self.transport is not None
-        self.transport.sendto(b"to " + addr[0].encode(), addr)
+        reply = self.answer(data, addr)
+        if reply is not None:
+            assert self.transport is not None
+            self.transport.sendto(reply, addr)
+
+    def answer(self, data: bytes, addr: tuple[str, int]) -> bytes | None:
+        return b"to " + addr[0].encode()
 
 
 @pytest.fixture
@@ -109,22 +114,14 @@ async def test_a_datagram_from_anyone_but_the_gateway_is_ignored(
         ports.close()
 
 
-class ChangedOnSecondTry(asyncio.DatagramProtocol):
+class ChangedOnSecondTry(Echo):
     """Ignores the first request, answers the retransmission with a piggybacked 2.04."""
 
-    def __init__(self) -> None:
-        self.transport: asyncio.DatagramTransport | None = None
-        self.sources: list[tuple[str, int]] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.sources.append(addr)
-        if len(self.sources) > 1:
-            msg = wire.decode(data)
-            assert self.transport is not None
-            self.transport.sendto(wire.encode_ack(C.CHANGED, msg.mid, msg.token), addr)
+    def answer(self, data: bytes, addr: tuple[str, int]) -> bytes | None:
+        if len(self.sources) == 1:
+            return None
+        msg = wire.decode(data)
+        return wire.encode_ack(C.CHANGED, msg.mid, msg.token)
 
 
 async def test_an_exchange_over_shared_ports_rebinds_to_a_new_port_from_its_own_address() -> None:
