@@ -150,8 +150,9 @@ def test_senml_relative_times_set_no_device_time() -> None:
     [{"bv": 1.0, "n": "temperature", "v": int("9" * 400)}],
     [{"n": "temperature", "v": 1.0, "t": int("9" * 400)}],
     [{"bt": 1.5, "n": "temperature", "v": 1.0, "t": int("9" * 400)}],
+    [{"n": "temperature", "v": 1.0, "ver_": 2}],
 ], ids=["empty", "not-an-array", "no-value", "no-name", "twice", "text-v", "bn-not-text",
-        "huge-v-plus-bv", "huge-t", "huge-t-plus-bt"])
+        "huge-v-plus-bv", "huge-t", "huge-t-plus-bt", "must-understand"])
 @pytest.mark.parametrize("encode", [json.dumps, cbor2.dumps], ids=["json", "cbor"])
 def test_senml_pack_that_breaks_rfc8428_raises_decode_error(pack: Any, encode: Any) -> None:
     payload = encode(pack)

@@ -63,6 +63,9 @@ def _flatten(pack: Any) -> Decoded:
     for rec in pack:
         if not isinstance(rec, dict):
             raise DecodeError("SenML: each record must be a map")
+        for label in rec:  # RFC 8428 §4.4: a label ending in "_" must be understood
+            if isinstance(label, str) and label.endswith("_"):
+                raise DecodeError(f"SenML: must-understand field {label[:20]!r} is not understood")
         if "bn" in rec:
             if not isinstance(rec["bn"], str):
                 raise DecodeError("SenML: bn must be text")
