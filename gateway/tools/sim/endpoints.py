@@ -7,8 +7,8 @@ Two kinds, one interface (`Endpoint`):
 - `SharedPort`: the device's own loopback address (127.1.x.y) on one of a few UDP
   sockets that every device shares (`SharedPorts`), bound to the wildcard address: each
   datagram names its source address (IP_PKTINFO) and each reply is routed by the address
-  it was sent to. What the gateway sees is the same as with a socket of its own (the
-  device's address, a port other than its last one), for two system calls a wake
+  it was sent to. What the gateway sees is what it saw with a socket of its own (the
+  device's address, a port other than its last ones), for two system calls a wake
   instead of eight: socket, bind, connect, watching it and closing it are ~30 % of the
   fleet's CPU (docs/decisions.md, "The simulator against the gateway, fourth look").
   Used when every device has an IPv4 loopback address of its own (sim.source_addresses
@@ -33,6 +33,7 @@ RECV_BYTES = 2048
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value: Python 3.11 does not name it
 _PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 _PKTINFO_SPACE = socket.CMSG_SPACE(_PKTINFO.size)
+RCVBUF_BYTES = 4 << 20
 
 Received = Callable[[bytes], None]
 
@@ -82,7 +83,7 @@ class Receiver:
 def _receive(sock: socket.socket, received: Received) -> None:
     try:
         data = sock.recv(RECV_BYTES)
-    except OSError:  # nothing after all, or ICMP port unreachable: no gateway (yet)
+    except OSError:  # nothing after all, or (connected) ICMP port unreachable: no gateway yet
         return
     received(data)
 
@@ -126,17 +127,21 @@ class OwnSocket:
 
 
 class SharedPorts:
-    """`count` wildcard-bound UDP sockets that carry every device's own loopback address
-    to `target`. A device's endpoint is the next of them in turn at each wake: which one
-    depends on all the wakes in between, so a device's port changes from wake to wake
-    (and for a NAT rebind); two endpoints of one address never share a socket."""
+    """`count` (>= 3) wildcard-bound UDP sockets that carry every device's own loopback
+    address to `target`. A device's endpoint is the next of them in turn, skipping the
+    address's last two ports, so its port changes at every wake and rebind and a rebind
+    never returns to the port it left (a late reply there would be taken for the new
+    endpoint's); two endpoints of one address never share a socket. Only datagrams from
+    `target` are taken."""
 
     def __init__(self, count: int, target: tuple[str, int]) -> None:
+        if count < 3:
+            raise ValueError("SharedPorts needs 3 ports at least: a rebind skips two")
         self._target = target
         self._next = 0
         self._socks: list[socket.socket] = []
         self._routes: list[dict[bytes, Received]] = []  # per socket: address -> its exchange
-        self._pktinfo: dict[str, tuple[bytes, list[tuple[int, int, bytes]]]] = {}
+        self._addresses: dict[str, _Address] = {}
         # The event loop watches these few sockets itself, for good: no epoll set of our own
         # to poll again at each reply (Receiver's, for the sockets that come and go).
         self._loop = asyncio.get_running_loop()
@@ -145,6 +150,9 @@ class SharedPorts:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
                 self._socks.append(sock)
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                # Every awake device's replies queue here, not in a buffer of their own:
+                # room for a loop stall in a storm (the kernel caps it at rmem_max).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
                 sock.bind(("0.0.0.0", 0))
                 self._routes.append({})
                 self._loop.add_reader(sock.fileno(), self._readable, index)
@@ -156,20 +164,20 @@ class SharedPorts:
         """An endpoint from `source_ip` on a shared port that carries no other endpoint of
         this address (so a rebind, opened before the old endpoint closes, gets another
         port); OSError when every port already carries this address."""
-        known = self._pktinfo.get(source_ip)
+        known = self._addresses.get(source_ip)
         if known is None:
-            address = socket.inet_aton(source_ip)
-            known = self._pktinfo[source_ip] = (address, [(
-                socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, address, bytes(4)))])
-        address, ancillary = known
+            known = self._addresses[source_ip] = _Address(socket.inet_aton(source_ip))
+        address = known.address
         count = len(self._socks)
         start = self._next = (self._next + 1) % count  # whichever wake came before: any port
         for step in range(count):
             index = (start + step) % count
             routes = self._routes[index]
-            if address not in routes:
+            if address not in routes and index != known.last and index != known.before_last:
                 routes[address] = received
-                return SharedPort(self._socks[index], routes, address, ancillary, self._target)
+                known.before_last, known.last = known.last, index
+                return SharedPort(self._socks[index], routes, address, known.ancillary,
+                                  self._target)
         raise OSError(f"all {count} shared ports carry {source_ip} already")
 
     def close(self) -> None:
@@ -188,6 +196,18 @@ class SharedPorts:
         received = self._routes[index].get(ancillary[0][2][8:12])  # the datagram's destination
         if received is not None:
             received(data)
+
+
+class _Address:
+    """A device address on the shared ports: its IP_PKTINFO, its last two ports."""
+
+    __slots__ = ("address", "ancillary", "before_last", "last")
+
+    def __init__(self, address: bytes) -> None:
+        self.address = address
+        self.ancillary = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, address, bytes(4)))]
+        self.last = -1
+        self.before_last = -1
 
 
 class SharedPort:

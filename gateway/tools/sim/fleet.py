@@ -1,10 +1,10 @@
 """The asyncio engine that drives a fleet process's devices (all of the fleet, or its share
 with --processes): wakes each device at its report time, caps how many are awake at once
-(one socket each), runs one Exchange per wake, and books every outcome in the Ledger.
+(a source endpoint each), runs one Exchange per wake, and books every outcome in the Ledger.
 
 Wakes gathered into ticks, not tasks: 40,000 sleeping devices are entries in a dict of
-TICK_S slots, one loop timer per slot that has any. It never holds a socket for a
-sleeping device (the fd limit here is 20,000).
+TICK_S slots, one loop timer per slot that has any. It never holds an endpoint for a
+sleeping device (where an endpoint is a socket of its own, the fd limit here is 20,000).
 """
 
 from __future__ import annotations

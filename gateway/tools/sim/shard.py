@@ -152,8 +152,6 @@ class Shard:
             self.lag.stop()
             fleet.stop()
             await fleet.drain(0)
-            if self.shared_ports is not None:
-                self.shared_ports.close()
         self._send_progress("done")
         cpu_s = time.process_time() - cpu_at_start
         ledger.seal()
@@ -191,6 +189,14 @@ class Shard:
 async def serve(parent: Parent) -> int:
     spec: ShardSpec = await parent.receive()
     shard = Shard(spec, parent)
+    try:
+        return await _serve(parent, spec, shard)
+    finally:
+        if shard.shared_ports is not None:
+            shard.shared_ports.close()
+
+
+async def _serve(parent: Parent, spec: ShardSpec, shard: Shard) -> int:
     loop = asyncio.get_running_loop()
     feed, _ = await loop.connect_read_pipe(lambda: DeliveryFeed(shard.ledger),
                                            os.fdopen(spec.feed_fd, "rb", buffering=0))
