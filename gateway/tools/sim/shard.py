@@ -128,7 +128,9 @@ class Shard:
                                      first_index=spec.first_index)
         # An LwM2M device may hold its socket while it listens, outside the awake cap.
         listening = sum(1 for d in self.devices if d.speaks_lwm2m)
-        self.max_awake = max(1, min(spec.max_awake, fd_limit - FD_RESERVE - listening))
+        # On shared ports an awake /up device holds no descriptor of its own.
+        self.max_awake = max(1, spec.max_awake if self.shared_ports is not None else min(
+            spec.max_awake, fd_limit - FD_RESERVE - listening))
         self.fleet = Fleet(self.devices, link, self.ledger, sim, spec.types,
                            max_awake=self.max_awake, max_payload_bytes=spec.max_payload_bytes)
         self.lag = LagMonitor(stall_ms=sim.loop_stall_ms)
