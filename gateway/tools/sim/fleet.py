@@ -48,6 +48,7 @@ FAULTY_SHARE = {"steady": 0.01, "storm": 0.01, "faulty": 0.3}
 # (docs/decisions.md, "The simulator, second pass"); the gateway reads its socket in
 # batches of its commit linger at these rates, so the ticks do not make it cheaper.
 TICK_S = 0.010
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(slots=True)
@@ -90,23 +91,28 @@ class SimDevice:
 def per_device_addresses(target_host: str, mode: str) -> bool:
     """Whether each device sends from a loopback address of its own: with
     sim.source_addresses "per_device" and the gateway on IPv4 loopback."""
+    return _per_device(_ip_address(target_host), mode)
+
+
+def _per_device(target: IPAddress | None, mode: str) -> bool:
+    return mode == "per_device" and target is not None and target.version == 4 and (
+        target.is_loopback)
+
+
+def _ip_address(host: str) -> IPAddress | None:
     try:
-        target = ipaddress.ip_address(target_host)
+        return ipaddress.ip_address(host)
     except ValueError:
-        return False
-    return mode == "per_device" and target.version == 4 and target.is_loopback
+        return None
 
 
 def source_address(target_host: str, index: int, mode: str) -> str:
     """The device's own loopback address (127.1.0.1, 127.1.0.2, ...) when the gateway is on
     IPv4 loopback: every device its own endpoint, as behind a carrier NAT; otherwise the
     host's address for the target's family."""
-    if per_device_addresses(target_host, mode):
+    target = _ip_address(target_host)
+    if _per_device(target, mode):
         return str(ipaddress.IPv4Address(0x7F010001 + index))
-    try:
-        target = ipaddress.ip_address(target_host)
-    except ValueError:
-        target = None
     if target is not None and target.version == 6:
         return "::1" if target.is_loopback else "::"
     return "127.0.0.1" if target is not None and target.is_loopback else "0.0.0.0"

@@ -39,7 +39,7 @@ from gateway.tools.sim.retransmit import RFC7252
 # Descriptors kept back from the awake cap: the pipes, the loop, stdio, imports.
 FD_RESERVE = 200
 PROGRESS_EVERY_S = 0.25
-COLLECT_EVERY_S = 60.0  # the cyclic garbage collector's one run a minute (serve())
+COLLECT_EVERY_S = 60.0  # the cyclic garbage collector's one run a minute (_progress_until)
 # The sockets that carry the devices' own addresses (gateway/tools/sim/endpoints.py): any
 # number works; a few spread the replies over more than one receive buffer.
 SHARED_PORTS = 64
@@ -192,13 +192,14 @@ async def serve(parent: Parent) -> int:
     spec: ShardSpec = await parent.receive()
     shard = Shard(spec, parent)
     try:
-        return await _serve(parent, spec, shard)
+        return await _serve(parent, shard)
     finally:
         if shard.shared_ports is not None:
             shard.shared_ports.close()
 
 
-async def _serve(parent: Parent, spec: ShardSpec, shard: Shard) -> int:
+async def _serve(parent: Parent, shard: Shard) -> int:
+    spec = shard.spec
     loop = asyncio.get_running_loop()
     feed, _ = await loop.connect_read_pipe(lambda: DeliveryFeed(shard.ledger),
                                            os.fdopen(spec.feed_fd, "rb", buffering=0))
