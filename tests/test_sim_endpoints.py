@@ -49,96 +49,89 @@ async def echo() -> AsyncIterator[tuple[Echo, tuple[str, int]]]:
     transport.close()
 
 
-async def test_devices_on_one_shared_port_send_from_their_own_addresses_and_get_their_own_replies(
-    echo: tuple[Echo, tuple[str, int]],
-) -> None:
+@pytest.fixture
+async def shared(echo: tuple[Echo, tuple[str, int]]) -> AsyncIterator[tuple[Echo, SharedPorts]]:
+    """Three shared ports to the echo server (four devices: two share one)."""
     server, target = echo
-    ports = SharedPorts(3, target)  # four devices on three ports: two share one
+    ports = SharedPorts(3, target)
+    yield server, ports
+    ports.close()
+
+
+async def test_devices_on_one_shared_port_send_from_their_own_addresses_and_get_their_own_replies(
+    shared: tuple[Echo, SharedPorts],
+) -> None:
+    server, ports = shared
     addresses = [f"127.1.0.{i}" for i in range(1, 5)]
     got: dict[str, list[bytes]] = {ip: [] for ip in addresses}
-    try:
-        endpoints = [ports.open(ip, got[ip].append) for ip in addresses]
-        for endpoint in endpoints:
-            endpoint.send(b"x")
-        await until(lambda: all(got.values()))
+    endpoints = [ports.open(ip, got[ip].append) for ip in addresses]
+    for endpoint in endpoints:
+        endpoint.send(b"x")
+    await until(lambda: all(got.values()))
 
-        assert got == {ip: [b"to " + ip.encode()] for ip in addresses}
-        assert sorted(server.sources) == sorted(
-            (ip, endpoint.port) for ip, endpoint in zip(addresses, endpoints, strict=True))
-        assert len({endpoint.port for endpoint in endpoints}) == 3
-    finally:
-        ports.close()
+    assert got == {ip: [b"to " + ip.encode()] for ip in addresses}
+    assert sorted(server.sources) == sorted(
+        (ip, endpoint.port) for ip, endpoint in zip(addresses, endpoints, strict=True))
+    assert len({endpoint.port for endpoint in endpoints}) == 3
 
 
 async def test_a_rebind_gets_another_port_and_a_closed_endpoint_hears_nothing(
-    echo: tuple[Echo, tuple[str, int]],
+    shared: tuple[Echo, SharedPorts],
 ) -> None:
-    server, target = echo
-    ports = SharedPorts(3, target)
+    server, ports = shared
     old_got: list[bytes] = []
     new_got: list[bytes] = []
-    try:
-        old = ports.open("127.1.0.7", old_got.append)
-        new = ports.open("127.1.0.7", new_got.append)  # a rebind: opened before old closes
-        assert new.port != old.port
-        old.send(b"late")
-        old.close()
-        old.send(b"after close")  # sends nothing
-        new.send(b"now")
-        await until(lambda: len(new_got) == 1 and len(server.sources) == 2)
-        await asyncio.sleep(0.05)
+    old = ports.open("127.1.0.7", old_got.append)
+    new = ports.open("127.1.0.7", new_got.append)  # a rebind: opened before old closes
+    assert new.port != old.port
+    old.send(b"late")
+    old.close()
+    old.send(b"after close")  # sends nothing
+    new.send(b"now")
+    await until(lambda: len(new_got) == 1 and len(server.sources) == 2)
+    await asyncio.sleep(0.05)
 
-        assert old_got == []  # its reply arrived after it closed: dropped
-        assert [port for _, port in server.sources] == [old.port, new.port]
-        # A second rebind never returns to the port the first one left, though it is free
-        # and next in turn (another device's wake moved the turn on to it).
-        ports.open("127.1.0.99", lambda data: None)
-        assert ports.open("127.1.0.7", new_got.append).port not in (old.port, new.port)
-    finally:
-        ports.close()
+    assert old_got == []  # its reply arrived after it closed: dropped
+    assert [port for _, port in server.sources] == [old.port, new.port]
+    # A second rebind never returns to the port the first one left, though it is free
+    # and next in turn (another device's wake moved the turn on to it).
+    ports.open("127.1.0.99", lambda data: None)
+    assert ports.open("127.1.0.7", new_got.append).port not in (old.port, new.port)
 
 
 async def test_each_wake_of_a_device_has_a_port_other_than_its_last_two(
-    echo: tuple[Echo, tuple[str, int]],
+    shared: tuple[Echo, SharedPorts],
 ) -> None:
-    _, target = echo
-    ports = SharedPorts(3, target)
-    try:
-        seen = []
-        for wake in range(12):
-            if wake % 2:  # another device's wake in between moves the turn on
-                ports.open("127.1.0.99", lambda data: None).close()
-            endpoint = ports.open("127.1.0.8", lambda data: None)
-            seen.append(endpoint.port)
-            endpoint.close()
+    _, ports = shared
+    seen = []
+    for wake in range(12):
+        if wake % 2:  # another device's wake in between moves the turn on
+            ports.open("127.1.0.99", lambda data: None).close()
+        endpoint = ports.open("127.1.0.8", lambda data: None)
+        seen.append(endpoint.port)
+        endpoint.close()
 
-        assert all(port not in seen[i - 2:i] for i, port in enumerate(seen) if i >= 2)
-        assert seen[1] != seen[0]
-        for _ in range(3):
-            ports.open("127.1.0.5", lambda data: None)  # all three ports carry it now
-        with pytest.raises(OSError, match=r"all 3 shared ports carry 127\.1\.0\.5"):
-            ports.open("127.1.0.5", lambda data: None)
-    finally:
-        ports.close()
+    assert all(port not in seen[i - 2:i] for i, port in enumerate(seen) if i >= 2)
+    assert seen[1] != seen[0]
+    for _ in range(3):
+        ports.open("127.1.0.5", lambda data: None)  # all three ports carry it now
+    with pytest.raises(OSError, match=r"all 3 shared ports carry 127\.1\.0\.5"):
+        ports.open("127.1.0.5", lambda data: None)
 
 
 async def test_a_datagram_from_anyone_but_the_gateway_is_ignored(
-    echo: tuple[Echo, tuple[str, int]],
+    shared: tuple[Echo, SharedPorts],
 ) -> None:
-    _, target = echo
-    ports = SharedPorts(3, target)
+    _, ports = shared
     got: list[bytes] = []
-    try:
-        endpoint = ports.open("127.1.0.9", got.append)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
-            stranger.sendto(b"spoof", ("127.1.0.9", endpoint.port))
-        endpoint.send(b"hello")
-        await until(lambda: len(got) == 1)
-        await asyncio.sleep(0.05)
+    endpoint = ports.open("127.1.0.9", got.append)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        stranger.sendto(b"spoof", ("127.1.0.9", endpoint.port))
+    endpoint.send(b"hello")
+    await until(lambda: len(got) == 1)
+    await asyncio.sleep(0.05)
 
-        assert got == [b"to 127.1.0.9"]
-    finally:
-        ports.close()
+    assert got == [b"to 127.1.0.9"]
 
 
 class ChangedOnSecondTry(Echo):
