@@ -24,7 +24,7 @@ from gateway.ingest.coap.udp import gather_s, serve_udp
 from gateway.mqtt.publisher import Publisher
 from gateway.pipeline.core import Pipeline
 from gateway.pipeline.registry import Registry, load_registry
-from gateway.runtime import gctune
+from gateway.runtime import allocator, gctune
 from gateway.runtime.metrics import NS, Metrics, MetricsServer
 from gateway.runtime.notify import Notifier, UplinkRate, reloading_message, status_line
 from gateway.runtime.workers import WorkerLinks, state_files, worker_share
@@ -93,6 +93,8 @@ class Service:
         s = self.settings
         started = time.monotonic()
         gctune.tune()
+        if not allocator.fix_mmap_threshold():
+            log.info("malloc's mmap threshold left as it is (set by the operator, or not glibc)")
         every_device, registry = self._load_registry(s)
         assert s.liveness.path is not None  # load_config derives it from the spool path
         files = state_files(s.spool.path, s.liveness.path, self._worker, self._workers)
