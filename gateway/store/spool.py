@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import queue
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ def _multirow_sql(head: str, tail: str, width: int, rows: int) -> str:
 
 
 def _execute_rows(db: sqlite3.Connection, statement: tuple[str, str, int],
-                  rows: list[tuple[object, ...]]) -> None:
+                  rows: Sequence[tuple[object, ...]]) -> None:
     """Run a multi-row INSERT over `rows`: in one statement up to EXACT_ROWS_MAX rows, else
     in power-of-two chunks (so few distinct statements are prepared). Python's sqlite3
     releases and retakes the GIL around every step, and `executemany` steps once per row:
@@ -283,8 +284,13 @@ def fold_seq_log(db: sqlite3.Connection) -> dict[str, SeqState]:
 
 def _fold_into(db: sqlite3.Connection, window: ReplayWindow, devices: Iterable[str]) -> None:
     """Within a transaction: device_seqs takes the window's state of `devices`, and
-    seq_log, whose accepts that state holds, is emptied."""
-    _execute_rows(db, _UPSERT_SEQS, list(_seq_rows(window, devices)))
+    seq_log, whose accepts that state holds, is emptied. The rows are made a statement's
+    worth at a time: 40,000 devices' rows at once were ~6 MB of short-lived tuples every
+    ten minutes, which the allocator had to find all at once (docs/decisions.md, "The
+    soak's RSS steps")."""
+    rows = _seq_rows(window, devices)
+    while chunk := list(itertools.islice(rows, MAX_ROWS_PER_STATEMENT)):
+        _execute_rows(db, _UPSERT_SEQS, chunk)
     db.execute("DELETE FROM seq_log")
 
 
